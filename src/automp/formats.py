@@ -1,0 +1,190 @@
+"""Weight formats: what a user can type, what each costs in stored bits, and its quantization grid.
+
+Names: ``w{2,3,4,8}`` per output channel, ``w{b}g{32,64,128}`` group-wise, an ``a`` suffix for
+asymmetric (``w4g128a``), ``nf4g{32,64,128}`` (QLoRA NormalFloat codebook), ``fp4g{32,64,128}``
+(e2m1 codebook) and ``fp16``/``bf16`` (left unquantized).
+
+Every quantized format stores unsigned ``bits``-bit codes, one fp16 scale per group and, when
+asymmetric, one ``bits``-bit zero-point per group. Dequantization is
+
+* integer: ``(code - zero) * scale`` (symmetric formats use the fixed zero ``2**(bits-1)``),
+* codebook: ``codebook[code] * scale``.
+
+Scales are rounded to fp16 *before* encoding, so the stored tensors decode to exactly the values
+the quantizers evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from automp.errors import AutompError
+
+SCALE_BITS = 16  # scales are stored as fp16
+INT_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+# QLoRA's NormalFloat-4 levels (quantiles of N(0,1), normalised to [-1, 1], exact zero).
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+# FP4 e2m1 magnitudes; code = sign bit * 8 + magnitude index (OCP MX layout).
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+_NAME = re.compile(r"^(?:w(?P<bits>\d+)(?:g(?P<g>\d+))?(?P<asym>a)?|(?P<cb>nf4|fp4)g(?P<cbg>\d+))$")
+
+
+@dataclass(frozen=True)
+class Format:
+    """One weight format. ``group_size=None`` means one group per output row (per-channel)."""
+
+    name: str
+    kind: str  # "int", "nf4", "fp4" or "float"
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "float"
+
+    def group(self, in_features: int) -> int:
+        """The group length along the input dimension for a layer with ``in_features`` inputs."""
+        return self.group_size or in_features
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        if self.quantized and in_features % self.group(in_features):
+            raise AutompError(
+                f"format {self.name}: input dimension {in_features} is not divisible by the "
+                f"group size {self.group_size}; choose a group size that divides it or a per-channel format"
+            )
+
+    def check_weight(self, weight: torch.Tensor) -> None:
+        """Shape divisible by the group size, and every value finite."""
+        self.check_shape(*weight.shape)
+        if not torch.isfinite(weight).all():
+            raise AutompError(f"format {self.name}: the weight contains NaN or Inf values")
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact stored bits of an ``out_features x in_features`` weight: codes + scales + zeros."""
+        if not self.quantized:
+            return self.bits * out_features * in_features
+        self.check_shape(out_features, in_features)
+        groups = out_features * (in_features // self.group(in_features))
+        zero_bits = 0 if self.symmetric else self.bits
+        return self.bits * out_features * in_features + groups * (SCALE_BITS + zero_bits)
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        return self.storage_bits(out_features, in_features) / (out_features * in_features)
+
+    @property
+    def levels(self) -> torch.Tensor | None:
+        """Codebook values indexed by code (codebook formats only)."""
+        return _codebook(self.kind)
+
+
+@cache
+def _codebook(kind: str) -> torch.Tensor | None:
+    if kind == "nf4":
+        return torch.tensor(NF4_LEVELS)
+    if kind == "fp4":
+        mags = torch.tensor(FP4_MAGNITUDES)
+        return torch.cat([mags, -mags])
+    return None
+
+
+@cache
+def get_format(name: str) -> Format:
+    """Parse a format name; raises AutompError listing the valid names."""
+    key = name.strip().lower()
+    if key in ("fp16", "bf16"):
+        return Format(key, "float", 16)
+    m = _NAME.match(key)
+    if m and m["cb"]:
+        group = int(m["cbg"])
+        if group in GROUP_SIZES:
+            return Format(key, m["cb"], 4, group)
+    elif m:
+        bits, group = int(m["bits"]), (int(m["g"]) if m["g"] else None)
+        if bits in INT_BITS and (group is None or group in GROUP_SIZES):
+            return Format(key, "int", bits, group, symmetric=not m["asym"])
+    raise AutompError(
+        f"unknown format {name!r}: use w{{2,3,4,8}} (per-channel), w{{b}}g{{32,64,128}} (group-wise), "
+        "an 'a' suffix for asymmetric (w4g128a), nf4g64, fp4g32, fp16 or bf16"
+    )
+
+
+def parse_formats(spec: str) -> list[Format]:
+    """A comma-separated list of format names, e.g. ``w2g64,w3g128,w4g128,fp16``."""
+    formats = [get_format(name) for name in spec.split(",") if name.strip()]
+    if not formats:
+        raise AutompError("no formats given")
+    return formats
+
+
+# --------------------------------------------------------------------------------------------
+# The quantization grid. ``w`` has shape (rows, n); ``scale``/``zero`` broadcast against it
+# (one value per row for a whole group, or per row of a single column inside GPTQ).
+
+
+@dataclass
+class GroupParams:
+    scale: torch.Tensor  # fp32 values that are exactly representable in fp16
+    zero: torch.Tensor | None  # asymmetric integer formats only (float holding an integer)
+
+
+def fit_params(fmt: Format, w: torch.Tensor) -> GroupParams:
+    """Round-to-nearest parameters for each row of ``w`` (one group per row): absmax or min/max."""
+    w = w.float()
+    if fmt.kind == "int" and not fmt.symmetric:
+        maxq = 2**fmt.bits - 1
+        lo = w.amin(dim=-1).clamp(max=0)
+        hi = w.amax(dim=-1).clamp(min=0)
+        scale = _fp16_exact((hi - lo) / maxq)
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+        return GroupParams(scale, zero)
+    absmax = w.abs().amax(dim=-1)
+    if fmt.kind == "int":
+        # (2^b - 1)/2 half-steps: the grid -2^(b-1)..2^(b-1)-1 reaches -absmax exactly (GPTQ's and
+        # compressed-tensors' symmetric convention)
+        scale = absmax / ((2**fmt.bits - 1) / 2)
+    else:
+        scale = absmax / fmt.levels.abs().max()
+    return GroupParams(_fp16_exact(scale), None)
+
+
+def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    # a zero scale (all-zero group) would divide by zero; any positive scale encodes zeros exactly
+    return scale.clamp(min=1e-6).half().float()
+
+
+def encode(fmt: Format, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+    """Nearest codes (int64) of ``w`` under ``p``."""
+    scale = p.scale.unsqueeze(-1)
+    if fmt.kind == "int":
+        zero = p.zero.unsqueeze(-1) if p.zero is not None else 2 ** (fmt.bits - 1)
+        return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**fmt.bits - 1).long()
+    levels = fmt.levels.to(w.device)
+    order = torch.argsort(levels)
+    sorted_levels = levels[order]
+    midpoints = (sorted_levels[1:] + sorted_levels[:-1]) / 2
+    return order[torch.bucketize((w.float() / scale).contiguous(), midpoints)]
+
+
+def decode(fmt: Format, codes: torch.Tensor, p: GroupParams) -> torch.Tensor:
+    scale = p.scale.unsqueeze(-1)
+    if fmt.kind == "int":
+        zero = p.zero.unsqueeze(-1) if p.zero is not None else 2 ** (fmt.bits - 1)
+        return (codes.float() - zero) * scale
+    return fmt.levels.to(codes.device)[codes] * scale
+
+
+def quantize_dequantize(fmt: Format, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+    return decode(fmt, encode(fmt, w, p), p)

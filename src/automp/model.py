@@ -1,0 +1,194 @@
+"""Loading a causal LM safely, and the inventory of its quantizable linear layers.
+
+The inventory lists every linear layer inside the decoder blocks (GPT-2's ``Conv1D`` counts as
+linear, with its weight seen transposed as (out, in)), its block and its role, and which layers
+serving engines fuse (q/k/v, gate/up) so that allocations can tie their formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from automp.errors import AutompError
+
+# Role of a layer from the last one or two components of its name.
+ROLES = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "fc1": "fc1", "fc2": "fc2",
+    "c_attn": "qkv", "attn.c_proj": "o", "c_fc": "fc1", "mlp.c_proj": "fc2",
+    "query_key_value": "qkv", "dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2", "attention.dense": "o",
+}  # fmt: skip
+FUSED_ROLES = (("q", "k", "v"), ("gate", "up"))  # fused into one GEMM by vLLM and friends
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    block: int
+    role: str
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class Inventory:
+    layers: list[LayerInfo]
+    fused: list[list[str]]  # groups of layer names that engines fuse
+
+    def to_json(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers], "fused": self.fused}
+
+    def by_name(self) -> dict[str, LayerInfo]:
+        return {layer.name: layer for layer in self.layers}
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder's block list: the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise AutompError(f"{type(model).__name__}: no decoder blocks (nn.ModuleList) found")
+    return max(lists, key=len)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def role_of(name: str) -> str:
+    parts = name.split(".")
+    return ROLES.get(".".join(parts[-2:]), ROLES.get(parts[-1], parts[-1]))
+
+
+def inventory(model: nn.Module, include_lm_head: bool = False) -> Inventory:
+    blocks = decoder_blocks(model)
+    block_prefix = {id(block): i for i, block in enumerate(blocks)}
+    names = {id(m): n for n, m in model.named_modules()}
+    layers: list[LayerInfo] = []
+    for block in blocks:
+        index, prefix = block_prefix[id(block)], names[id(block)]
+        for sub, module in block.named_modules():
+            if is_linear(module):
+                out_f, in_f = linear_weight(module).shape
+                layers.append(LayerInfo(f"{prefix}.{sub}", index, role_of(sub), out_f, in_f))
+    if include_lm_head:
+        head = lm_head_name(model)
+        if head is None:
+            raise AutompError("this model has no linear lm_head to quantize")
+        out_f, in_f = linear_weight(model.get_submodule(head)).shape
+        layers.append(LayerInfo(head, len(blocks), "lm_head", out_f, in_f))
+    if not layers:
+        raise AutompError(f"{type(model).__name__}: no linear layers found inside the decoder blocks")
+    fused = []
+    for index in range(len(blocks)):
+        for roles in FUSED_ROLES:
+            group = [layer.name for layer in layers if layer.block == index and layer.role in roles]
+            if len(group) > 1:
+                fused.append(group)
+    return Inventory(layers, fused)
+
+
+def lm_head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings()
+    if head is None or not is_linear(head):
+        return None
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features); GPT-2's Conv1D stores it transposed."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    target = module.weight
+    target.data.copy_((weight.T if isinstance(module, Conv1D) else weight).to(target.dtype))
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AutompError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # CPUs are slow and imprecise in half precision
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise AutompError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from a local directory or a hub id; automp checkpoints are recognised.
+
+    Weights load through safetensors (or ``torch.load(weights_only=True)`` inside transformers);
+    remote code runs only when asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from automp.checkpoint import QUANT_FILE, load_quantized
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = Path(spec)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AutompError(f"{path} is not a model directory (no config.json)")
+        source, local_only = str(path), True
+    elif str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+        raise AutompError(f"model path {spec} does not exist")
+    else:
+        source, local_only = str(spec), False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=local_only, trust_remote_code=trust_remote_code
+        )
+        if (path / QUANT_FILE).is_file():
+            model = load_quantized(path, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=local_only, trust_remote_code=trust_remote_code
+            )
+    except AutompError:
+        raise
+    except OSError as err:
+        if local_only:
+            raise AutompError(f"could not load the model in {path}: {err}") from err
+        raise AutompError(
+            f"could not fetch {spec!r} from the Hugging Face hub (offline or unknown id?); "
+            f"pass a local model directory instead ({err.__class__.__name__})"
+        ) from err
+    except Exception as err:  # corrupt files surface as many different exception types
+        raise AutompError(f"could not load model {spec}: {err}") from err
+    check_finite(model)
+    model.eval()
+    return model.to(dev), tokenizer
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise AutompError(f"the model's weights contain NaN or Inf (first in {name})")

@@ -1,0 +1,164 @@
+"""``quantize_(model, allocation, method)``: quantize a model in place, layer formats from an allocation.
+
+RTN needs no data. GPTQ runs block by block over the decoder: the inputs of block ``i`` are the
+outputs of blocks ``0..i-1`` *already quantized*, so each block corrects for the error upstream.
+Only one block's calibration activations are held at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from automp.allocation import Allocation
+from automp.errors import AutompError
+from automp.model import decoder_blocks, inventory, linear_weight, lm_head_name, set_linear_weight
+from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
+from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.rtn import rtn_quantize
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class GPTQConfig:
+    damp: float = 0.01
+    act_order: bool = True
+    blocksize: int = 128
+
+
+class _StopForward(Exception):
+    """Raised by a hook to stop the model's forward once the first block's inputs are captured."""
+
+
+@torch.no_grad()
+def quantize_(
+    model: nn.Module,
+    allocation: Allocation,
+    method: str = "rtn",
+    calib: torch.Tensor | None = None,
+    *,
+    gptq: GPTQConfig | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, QuantizedWeight]:
+    """Quantize every layer whose allocated format is quantized; returns the stored weights by name.
+
+    The model's weights are replaced by their dequantized values and every other float32 tensor is
+    rounded to fp16, so the model in memory computes exactly what the stored checkpoint computes.
+    """
+    out = _quantize_layers(model, allocation, method, calib, gptq or GPTQConfig(), batch_size, progress)
+    round_to_storage(model, skip=set(out))
+    return out
+
+
+def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
+    """Round float32 parameters to their 16-bit stored values (the quantized layers in ``skip`` excepted)."""
+    for name, param in model.named_parameters():
+        if param.dtype == torch.float32 and name.removesuffix(".weight") not in skip:
+            param.data.copy_(param.data.half().float())
+
+
+def _quantize_layers(model, allocation, method, calib, gptq, batch_size, progress) -> dict[str, QuantizedWeight]:
+    if method not in METHODS:
+        raise AutompError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    inv = inventory(model, include_lm_head=lm_head_name(model) in allocation.formats)
+    allocation.check(inv)
+    todo = [layer.name for layer in inv.layers if allocation.format_of(layer.name).quantized]
+    modules = {name: model.get_submodule(name) for name in todo}
+
+    def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
+        module, fmt = modules[name], allocation.format_of(name)
+        if hessian is None:
+            qweight = rtn_quantize(linear_weight(module), fmt)
+        else:
+            qweight = gptq_quantize(linear_weight(module), hessian, fmt, **vars(gptq))
+        set_linear_weight(module, qweight.dequantize())
+        out[name] = qweight
+
+    out: dict[str, QuantizedWeight] = {}
+    if method == "rtn":
+        for name in tqdm(todo, desc="rtn", disable=not progress, leave=False):
+            quantize_layer(name, None)
+        return out
+    if calib is None or len(calib) == 0:
+        raise AutompError("GPTQ needs calibration data (--calib)")
+    blocks = decoder_blocks(model)
+    block_of = {layer.name: layer.block for layer in inv.layers}
+    inputs = _capture_block_inputs(model, blocks[0], calib, batch_size)
+    for index, block in enumerate(tqdm(blocks, desc="gptq blocks", disable=not progress, leave=False)):
+        names = [name for name in todo if block_of[name] == index]
+        with _hessian_hooks({name: modules[name] for name in names}) as hessians:
+            for _ in _run_block(block, inputs):
+                pass
+        for name in names:
+            quantize_layer(name, hessians[name])
+        outputs = _run_block(block, inputs)
+        inputs = [_with_hidden(args, kwargs, hidden) for (args, kwargs), hidden in zip(inputs, outputs, strict=True)]
+    for name in [name for name in todo if block_of[name] == len(blocks)]:  # lm_head, after the final norm
+        with _hessian_hooks({name: modules[name]}) as hessians:
+            for batch in calib.split(batch_size):
+                model(input_ids=batch.to(_device(model)), use_cache=False)
+        quantize_layer(name, hessians[name])
+    return out
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _hessian_hooks(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Accumulate each module's input Hessian while the ``with`` body runs forwards; filled on exit."""
+    accumulators = {}
+    for name, module in modules.items():
+        weight = linear_weight(module)
+        accumulators[name] = HessianAccumulator(weight.shape[1], weight.device)
+    hooks = [
+        module.register_forward_hook(lambda _m, inp, _out, acc=accumulators[name]: acc.add(inp[0]))
+        for name, module in modules.items()
+    ]
+    hessians: dict[str, torch.Tensor] = {}
+    try:
+        yield hessians
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hessians.update({name: acc.hessian for name, acc in accumulators.items()})
+
+
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int) -> list:
+    """The (args, kwargs) the first decoder block receives for each calibration batch."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calib.split(batch_size):
+            try:
+                model(input_ids=batch.to(_device(model)), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: list) -> Iterator[torch.Tensor]:
+    for args, kwargs in inputs:
+        output = block(*args, **kwargs)
+        yield output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

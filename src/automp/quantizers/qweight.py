@@ -1,0 +1,88 @@
+"""A quantized weight as it is stored: b-bit codes, fp16 group scales, optional b-bit zero-points.
+
+``QuantizedWeight`` is what every quantizer returns and what checkpoints hold. Codes and zero-points
+are bit-packed densely (``n * bits`` bits, no padding per value), so the bytes on disk equal
+``Format.storage_bits`` / 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from automp.formats import Format, GroupParams, decode, encode, get_format
+
+
+@dataclass
+class QuantizedWeight:
+    fmt: Format
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (out, in // group) fp16
+    zero: torch.Tensor | None  # (out, in // group) uint8, asymmetric formats only
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def _grouped(self) -> tuple[int, int, int]:
+        rows, cols = self.shape
+        g = self.fmt.group(cols)
+        return rows, cols // g, g
+
+    def params(self) -> GroupParams:
+        zero = self.zero.float() if self.zero is not None else None
+        return GroupParams(self.scale.float(), zero)
+
+    def dequantize(self) -> torch.Tensor:
+        rows, groups, g = self._grouped()
+        codes = self.codes.long().reshape(rows, groups, g)
+        return decode(self.fmt, codes, self.params()).reshape(rows, groups * g)
+
+    @classmethod
+    def from_grid(cls, fmt: Format, w: torch.Tensor, params: GroupParams) -> QuantizedWeight:
+        """Encode ``w`` (out, in) with per-group params of shape (out, in // group)."""
+        rows, cols = w.shape
+        g = fmt.group(cols)
+        codes = encode(fmt, w.float().reshape(rows, cols // g, g), params).reshape(rows, cols)
+        zero = params.zero.to(torch.uint8) if params.zero is not None else None
+        return cls(fmt, codes.to(torch.uint8), params.scale.half(), zero)
+
+    # ---- storage --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"codes": pack_bits(self.codes, self.fmt.bits), "scale": self.scale.contiguous()}
+        if self.zero is not None:
+            out["zero"] = pack_bits(self.zero, self.fmt.bits)
+        return out
+
+    @classmethod
+    def from_state_dict(
+        cls, fmt_name: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor]
+    ) -> QuantizedWeight:
+        fmt = get_format(fmt_name)
+        rows, cols = shape
+        groups = cols // fmt.group(cols)
+        codes = unpack_bits(tensors["codes"], fmt.bits, rows * cols).reshape(rows, cols)
+        zero = None
+        if "zero" in tensors:
+            zero = unpack_bits(tensors["zero"], fmt.bits, rows * groups).reshape(rows, groups)
+        return cls(fmt, codes, tensors["scale"], zero)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed codes, scales and zero-points."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit integers densely into a uint8 tensor (big-endian bit order)."""
+    flat = values.reshape(-1).to(torch.uint8).cpu().numpy()
+    bit_matrix = np.unpackbits(flat[:, None], axis=1)[:, 8 - bits :]
+    return torch.from_numpy(np.packbits(bit_matrix.reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    stream = np.unpackbits(packed.cpu().numpy())[: count * bits].reshape(count, bits)
+    padded = np.concatenate([np.zeros((count, 8 - bits), dtype=np.uint8), stream], axis=1)
+    return torch.from_numpy(np.packbits(padded, axis=1).reshape(-1))
