@@ -40,6 +40,10 @@ def llmcompressor_quantize(model_dir: str, scheme: str, calib: torch.Tensor, met
             )
         ]
     else:
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():  # llmcompressor's AWQ pins cached activations, which needs a GPU
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
         recipe = [
             AWQModifier(duo_scaling=True, n_grid=20),
             QuantizationModifier(config_groups=groups, ignore=["lm_head"]),

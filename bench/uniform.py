@@ -1,5 +1,5 @@
-"""Uniform quantization on a benchmark model: FP16, RTN and GPTQ per format, and our GPTQ next to
-llmcompressor's GPTQ on the same calibration windows and scheme.
+"""Uniform quantization on a benchmark model: FP16, RTN and GPTQ per format (plus AWQ at 4 and 3 bits),
+and our GPTQ and AWQ next to llmcompressor's on the same calibration windows and scheme.
 
     python bench/uniform.py --model ../shared/models/bench-a --data ../shared/data
 
@@ -22,6 +22,7 @@ from automp.quantize import quantize_  # noqa: E402
 from common import Bench, Timer, markdown_table, report  # noqa: E402
 
 FORMATS = ("w8", "w4g128", "w3g128", "w2g64", "nf4g64")
+AWQ_FORMATS = ("w4g128", "w3g128")
 LLMCOMPRESSOR_FORMATS = ("w4g128", "w3g128")
 
 
@@ -48,7 +49,7 @@ def main() -> None:
         }
     ]
     for scheme in args.formats.split(","):
-        for method in ("rtn", "gptq"):
+        for method in ("rtn", "gptq", "awq") if scheme in AWQ_FORMATS else ("rtn", "gptq"):
             model = bench.reset()
             allocation = Allocation.uniform(inv, scheme)
             with Timer() as timer:
@@ -70,25 +71,30 @@ def main() -> None:
         from baselines import llmcompressor_quantize
 
         for scheme in LLMCOMPRESSOR_FORMATS:
-            with Timer() as timer:
-                theirs = llmcompressor_quantize(args.model, scheme, bench.calib, "gptq")
-            bits = Allocation.uniform(inv, scheme).avg_bits(inv)
-            row = {
-                "format": scheme,
-                "method": "llmcompressor-gptq",
-                "avg_bits": bits,
-                "seconds": timer.seconds,
-                **bench.compare(theirs),
-            }
-            rows.append(row)
-            ours = next(r for r in rows if r["format"] == scheme and r["method"] == "gptq")
-            versus.append(
-                {
+            for method in ("gptq", "awq"):
+                ours = next((r for r in rows if r["format"] == scheme and r["method"] == method), None)
+                if ours is None:  # not among --formats
+                    continue
+                with Timer() as timer:
+                    theirs = llmcompressor_quantize(args.model, scheme, bench.calib, method)
+                bits = Allocation.uniform(inv, scheme).avg_bits(inv)
+                row = {
                     "format": scheme,
-                    "ppl_ratio": ours["ppl"] / row["ppl"],
-                    "time_ratio": ours["seconds"] / row["seconds"],
+                    "method": f"llmcompressor-{method}",
+                    "avg_bits": bits,
+                    "seconds": timer.seconds,
+                    **bench.compare(theirs),
                 }
-            )
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+                versus.append(
+                    {
+                        "format": scheme,
+                        "method": method,
+                        "ppl_ratio": ours["ppl"] / row["ppl"],
+                        "time_ratio": ours["seconds"] / row["seconds"],
+                    }
+                )
 
     columns = [
         ("format", "format", ""),
@@ -106,6 +112,7 @@ def main() -> None:
             versus,
             [
                 ("format", "format", ""),
+                ("method", "method", ""),
                 ("ppl_ratio", "PPL ours/llmcompressor", ".4f"),
                 ("time_ratio", "time ours/llmcompressor", ".2f"),
             ],

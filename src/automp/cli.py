@@ -58,7 +58,7 @@ def _flags(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in ("config", "json_out")}
 
 
-def _emit(result: dict, as_json: bool, human: str) -> None:
+def _emit(result: dict | list, as_json: bool, human: str) -> None:
     if as_json:
         print(json.dumps(result, default=str), flush=True)
     else:
@@ -70,7 +70,7 @@ def _emit(result: dict, as_json: bool, human: str) -> None:
 def quantize(
     model: ModelOpt = None,
     scheme: Annotated[str | None, typer.Option(help="Format for every layer, e.g. w4g128, w3g128a, nf4g64.")] = None,
-    method: Annotated[str | None, typer.Option(help="rtn or gptq.")] = None,
+    method: Annotated[str | None, typer.Option(help="rtn, gptq or awq.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")] = None,
     nsamples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
@@ -87,7 +87,7 @@ def quantize(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantize every layer uniformly with RTN or GPTQ and save the packed model."""
+    """Quantize every layer uniformly with RTN, GPTQ or AWQ and save the packed model."""
     flags = _flags(locals())
     from automp.pipeline import quantize as run
     from automp.settings import QuantizeSettings, load_settings
@@ -103,6 +103,10 @@ def quantize(
 def eval_(
     model: ModelOpt = None,
     ppl: Annotated[str | None, typer.Option("--ppl", help="Perplexity text: .txt, .jsonl, wikitext2, c4.")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Zero-shot tasks: piqa,arc_easy,winogrande,...")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option("--tasks-dir", help="Task .jsonl files (./data/eval).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Score only the first N items of each task.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="automp (local files) or lm-eval.")] = None,
     seqlen: SeqlenOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -111,15 +115,196 @@ def eval_(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Evaluate a model (or an automp output directory): perplexity."""
+    """Evaluate a model (or an automp output directory): perplexity and/or zero-shot tasks, memory, speed."""
     flags = _flags(locals())
     from automp.pipeline import evaluate
     from automp.settings import EvalSettings, load_settings
 
     result = evaluate(load_settings(EvalSettings, config, flags))
-    _emit(
-        result, json_out, f"perplexity {result['ppl']:.3f} over {result['windows']} windows ({result['tokens']} tokens)"
-    )
+    _emit(result, json_out, _eval_summary(result))
+
+
+def _eval_summary(result: dict) -> str:
+    lines = []
+    if "ppl" in result:
+        lines.append(f"perplexity {result['ppl']:.3f} over {result['windows']} windows ({result['tokens']} tokens)")
+    for name, task in result.get("tasks", {}).items():
+        lines.append(
+            f"{name:<14} acc {task['acc']:.4f}  acc_norm {task['acc_norm']:.4f}  ± {task['stderr']:.4f}  "
+            f"n {task['count']}" + (f"  chance {task['chance']:.3f}" if "chance" in task else "")
+        )
+    speed = f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") else ""
+    lines.append(f"peak memory {result['peak_memory_mb']:.0f} MB ({result['memory_kind']}){speed}")
+    return "\n".join(lines)
+
+
+@app.command()
+@_command
+def profile(
+    model: ModelOpt = None,
+    formats: Annotated[str | None, typer.Option(help="Formats to measure, e.g. w2g64,w3g128,w4g128,w8,fp16.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory for sensitivity.json.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    seqlen: SeqlenOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the calibration windows.")] = None,
+    kl: Annotated[bool | None, typer.Option("--kl", help="Also measure KL per layer x format (slow).")] = None,
+    kl_windows: Annotated[int | None, typer.Option("--kl-windows", help="Windows for the KL measurement.")] = None,
+    kl_text: Annotated[str | None, typer.Option("--kl-text", help="Text for KL windows (default: --calib).")] = None,
+    damp: Annotated[float | None, typer.Option(help="GPTQ relative damping.")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    trust_remote_code: RemoteOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure every layer x format (bits, error proxies) into a sensitivity table; resumes if interrupted."""
+    flags = _flags(locals())
+    from automp.pipeline import profile as run
+    from automp.settings import ProfileSettings, load_settings
+
+    result = run(load_settings(ProfileSettings, config, flags))
+    human = f"profiled {result['layers']} layers x {len(result['formats'])} formats in {result['seconds']:.1f} s"
+    _emit(result, json_out, f"{human} -> {result['path']}")
+
+
+@app.command()
+@_command
+def search(
+    profile: Annotated[Path | None, typer.Option(help="Sensitivity table directory from `automp profile`.")] = None,
+    target_bits: Annotated[
+        float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
+    ] = None,
+    frontier: Annotated[str | None, typer.Option(help="lo:hi:step: print predicted loss vs bits instead.")] = None,
+    solver: Annotated[str | None, typer.Option(help="knapsack (exact), greedy, quantile, or a learned one.")] = None,
+    proxy: Annotated[str | None, typer.Option(help="Predicted loss: hessian, fisher, grad, weight or kl.")] = None,
+    formats: Annotated[str | None, typer.Option(help="Allowed formats, e.g. w2g64,w3g128,w4g128,w8.")] = None,
+    pin: Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")] = None,
+    tie_fused: Annotated[bool | None, typer.Option("--tie-fused", help="q/k/v and gate/up share a format.")] = None,
+    max_loss: Annotated[float | None, typer.Option("--max-loss", help="greedy: a predicted-loss budget too.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of randomized solvers.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Allocation JSON to write.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model for real evaluations (default: the profiled one).")] = None,
+    eval: Annotated[str | None, typer.Option("--eval", help="Held-out text for real evaluations.")] = None,
+    eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Evaluation windows.")] = None,
+    seqlen: SeqlenOpt = None,
+    method: Annotated[str | None, typer.Option(help="Evaluator's quantizer: rtn or gptq.")] = None,
+    calib: Annotated[str | None, typer.Option(help="GPTQ calibration text (default: the profile's).")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Real loss: ppl or kl (to full precision).")] = None,
+    verify: Annotated[int | None, typer.Option("--verify", help="Evaluate the top K candidates for real.")] = None,
+    refine: Annotated[bool | None, typer.Option("--refine", help="Local search on the real loss.")] = None,
+    max_evals: Annotated[int | None, typer.Option("--max-evals", help="Evaluations for --refine / anneal.")] = None,
+    episodes: Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")] = None,
+    state: Annotated[Path | None, typer.Option(help="reinforce / ppo: training state file (resumes).")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Choose each layer's format under a bits budget from a saved sensitivity table."""
+    flags = _flags(locals())
+    from automp.pipeline import search as run
+    from automp.settings import SearchSettings, load_settings
+
+    result = run(load_settings(SearchSettings, config, flags))
+    if "frontier" in result:
+        curve = result["frontier"]
+        lines = ["| target bits | avg bits | predicted loss | MB |", "|---|---|---|---|"]
+        lines += [
+            f"| {p['target_bits']:g} | {p['avg_bits']:.4f} | {p['predicted_loss']:.6g} | {p['bytes'] / 1e6:.3f} |"
+            for p in curve
+        ]
+        _emit(curve, json_out, "\n".join(lines))
+        return
+    human = f"{result['solver']}: {result['avg_bits']:.4f} bits/weight, {result['bytes'] / 1e6:.3f} MB, "
+    human += f"predicted loss {result['predicted_loss']:.6g} -> {result['path']}"
+    if "real_loss" in result:
+        metric, total = result["evaluator"]["metric"], result["total_evaluations"]
+        human += f"\nreal {metric} {result['real_loss']:.6g} ({total} evaluations in all)"
+    _emit(result, json_out, human)
+
+
+@app.command("run")
+@_command
+def run_(
+    model: ModelOpt = None,
+    target_bits: Annotated[
+        float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory: checkpoint, table, allocation, metrics.")] = None,
+    solver: Annotated[str | None, typer.Option(help="knapsack (exact), greedy, quantile, or a learned one.")] = None,
+    proxy: Annotated[str | None, typer.Option(help="Predicted loss: hessian, fisher, grad, weight or kl.")] = None,
+    formats: Annotated[str | None, typer.Option(help="Formats to profile and choose from.")] = None,
+    pin: Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")] = None,
+    tie_fused: Annotated[bool | None, typer.Option("--tie-fused", help="q/k/v and gate/up share a format.")] = None,
+    method: Annotated[str | None, typer.Option(help="Final quantizer: gptq (default) or rtn.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    seqlen: SeqlenOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the calibration windows and the solver.")] = None,
+    eval: Annotated[str | None, typer.Option("--eval", help="Evaluation text for perplexity.")] = None,
+    eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Measuring solvers' windows.")] = None,
+    episodes: Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")] = None,
+    kl: Annotated[bool | None, typer.Option("--kl", help="Also profile KL (for --proxy kl; slow).")] = None,
+    damp: Annotated[float | None, typer.Option(help="GPTQ relative damping.")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    trust_remote_code: RemoteOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Profile, search, quantize the allocation with GPTQ and evaluate, all into one output directory."""
+    flags = _flags(locals())
+    from automp.pipeline import run
+    from automp.settings import RunSettings, load_settings
+
+    metrics = run(load_settings(RunSettings, config, flags))
+    human = f"{metrics['solver']} at {metrics['target_bits']:g} bits ({metrics['method']}): "
+    human += f"{metrics['avg_bits']:.4f} bits/weight, {metrics['bytes'] / 1e6:.3f} MB"
+    human += f", ppl {metrics['ppl']:.3f}" if "ppl" in metrics else ""
+    _emit(metrics, json_out, human)
+
+
+@app.command()
+@_command
+def report(
+    run: Annotated[Path, typer.Argument(help="Output directory of `automp run`.")],
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", help="Also re-run search + quantize + eval with N seeds (slow).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write an HTML report with plots (sensitivity, allocation, frontier, RL curves) to RUN/report/."""
+    from automp.report import write_report
+
+    result = write_report(run, seeds=seeds or 0)
+    _emit(result, json_out, f"report written to {result['index']}")
+
+
+@app.command()
+@_command
+def export(
+    run: Annotated[Path | None, typer.Option("--run", help="automp output directory (quantize or run).")] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="compressed-tensors, gguf-map or gptq-dynamic.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    engine: Annotated[str | None, typer.Option(help="vllm (warn about what it cannot serve) or transformers.")] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a quantized run for vLLM/transformers (compressed-tensors), llama.cpp or GPTQModel."""
+    flags = _flags(locals())
+    from automp.pipeline import export as run_export
+    from automp.settings import ExportSettings, load_settings
+
+    result = run_export(load_settings(ExportSettings, config, flags))
+    for warning in result["warnings"]:
+        typer.echo("warning: " + warning, err=True)
+    _emit(result, json_out, f"{result['format']} export written to {result['out']}")
 
 
 @app.command()

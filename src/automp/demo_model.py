@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ _SKIP_PARTS = frozenset({"__main__", "test", "tests", "idle_test"})
 _EVAL_FRACTION = 0.12
 _LITERALS = (type(None), bool, int, float, complex, str, bytes)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_BETAS = (0.9, 0.95)
+_WEIGHT_DECAY = 0.1
+_WARMUP = 0.05  # fraction of the steps
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -94,54 +98,68 @@ def train_model(
     AdamW with linear warmup and cosine decay on random ``seqlen``-token windows; the same seed
     gives the same model on the same machine. Everything is written to a temporary sibling
     directory first and renamed into place at the end, so an interrupted run leaves no half model
-    (an existing ``out_dir`` is replaced). With ``eval_text`` the held-out perplexity is measured
-    and the text saved as ``eval.txt``; ``train_summary.json`` records steps, seconds and perplexity.
+    (an existing ``out_dir`` is replaced). ``train_summary.json`` records steps, seconds and the
+    final training loss; with ``eval_text`` also its perplexity, and the text is saved as ``eval.txt``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(train_text, vocab)
+    ids = _encode(tokenizer, train_text)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seqlen,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    loss = _fit(model, ids, seqlen=seqlen, batch=batch, steps=steps, lr=lr, seed=seed, progress=progress)
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "batch": batch,
+        "seqlen": seqlen,
+        "lr": lr,
+        "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_tokens": len(ids),
+        "train_loss": round(loss, 4),
+    }
+    if eval_text is not None:
+        summary["eval_ppl"] = round(perplexity(model, tokenizer, eval_text, seqlen=seqlen), 4)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    _save(Path(out_dir), model, tokenizer, summary, eval_text, progress=progress)
+    return Path(out_dir)
+
+
+def _save(out_dir: Path, model: Any, tokenizer: Any, summary: dict, eval_text: str | None, *, progress: bool) -> None:
+    """Write everything into a temporary sibling, then rename it to ``out_dir`` in one step."""
+    from transformers.utils import logging as hf_logging
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not progress:  # save_pretrained draws its own bar
+        hf_logging.disable_progress_bar()
     try:
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        tokenizer = train_tokenizer(train_text, vocab)
-        ids = _encode(tokenizer, train_text)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=seqlen,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model = LlamaForCausalLM(config)
-        _fit(model, ids, seqlen=seqlen, batch=batch, steps=steps, lr=lr, seed=seed, progress=progress)
-        summary: dict[str, Any] = {
-            "steps": steps,
-            "batch": batch,
-            "seqlen": seqlen,
-            "train_tokens": len(ids),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        if eval_text is not None:
-            summary["eval_ppl"] = round(perplexity(model, tokenizer, eval_text, seqlen=seqlen), 4)
-            (tmp / EVAL_FILE).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / EVAL_FILE).write_text(eval_text, encoding="utf-8")
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if eval_text is not None:
+            (tmp / EVAL_FILE).write_text(eval_text, encoding="utf-8")
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out_dir)
     finally:
+        if bars and not progress:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def train_tokenizer(text: str, vocab: int) -> Any:
@@ -189,7 +207,8 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
 
 def _fit(
     model: Any, ids: torch.Tensor, *, seqlen: int, batch: int, steps: int, lr: float, seed: int, progress: bool
-) -> None:
+) -> float:
+    """Train in place; returns the mean loss of the last (up to) 50 steps."""
     from transformers import get_cosine_schedule_with_warmup
 
     if len(ids) <= seqlen:
@@ -198,13 +217,14 @@ def _fit(
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": _WEIGHT_DECAY}, {"params": other, "weight_decay": 0.0}],
         lr=lr,
-        betas=(0.9, 0.95),
+        betas=_BETAS,
     )
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, round(steps * _WARMUP)), steps)
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(seqlen)
+    recent: deque[float] = deque(maxlen=50)
     model.train()
     bar = tqdm(range(steps), desc="training demo model", file=sys.stderr, disable=not progress)
     for _ in bar:
@@ -216,8 +236,10 @@ def _fit(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        recent.append(loss.item())
+        bar.set_postfix(loss=f"{recent[-1]:.3f}", refresh=False)
     model.eval()
+    return sum(recent) / len(recent)
 
 
 @torch.no_grad()
@@ -367,7 +389,7 @@ def _quiet_import(name: str) -> Any:
         warnings.simplefilter("ignore")
         try:
             return importlib.import_module(name)
-        except (Exception, SystemExit):  # noqa: BLE001 - platform-specific modules are skipped
+        except (Exception, SystemExit):  # platform-specific or broken modules are just skipped
             return None
 
 
@@ -429,7 +451,7 @@ def _signature(func: Any) -> str:
             p.replace(default=_Literal(p.default)) if p.default is not p.empty else p for p in sig.parameters.values()
         ]
         return str(sig.replace(parameters=params))
-    except Exception:  # noqa: BLE001 - builtins often carry no (or a broken) signature
+    except Exception:  # builtins often carry no (or a broken) introspectable signature
         return "(...)"
 
 

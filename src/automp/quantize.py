@@ -1,8 +1,9 @@
 """``quantize_(model, allocation, method)``: quantize a model in place, layer formats from an allocation.
 
-RTN needs no data. GPTQ runs block by block over the decoder: the inputs of block ``i`` are the
-outputs of blocks ``0..i-1`` *already quantized*, so each block corrects for the error upstream.
-Only one block's calibration activations are held at a time.
+RTN needs no data. GPTQ and AWQ run block by block over the decoder: the inputs of block ``i`` are
+the outputs of blocks ``0..i-1`` *already quantized*, so each block corrects for the error upstream.
+Only one block's calibration activations are held at a time. AWQ scales and clips each block's
+weights (``quantizers/awq.py``), then rounds them with RTN; an ``lm_head`` gets plain RTN.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from tqdm import tqdm
 from automp.allocation import Allocation
 from automp.errors import AutompError
 from automp.model import decoder_blocks, inventory, linear_weight, lm_head_name, set_linear_weight
+from automp.quantizers.awq import awq_scale_block
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
 from automp.quantizers.qweight import QuantizedWeight
 from automp.quantizers.rtn import rtn_quantize
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass
@@ -30,6 +32,11 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = True
     blocksize: int = 128
+
+
+@dataclass
+class AWQConfig:
+    clip: bool = True  # the clipping search after scaling (part of the reference AWQ)
 
 
 class _StopForward(Exception):
@@ -44,6 +51,7 @@ def quantize_(
     calib: torch.Tensor | None = None,
     *,
     gptq: GPTQConfig | None = None,
+    awq: AWQConfig | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, QuantizedWeight]:
@@ -52,7 +60,8 @@ def quantize_(
     The model's weights are replaced by their dequantized values and every other float32 tensor is
     rounded to fp16, so the model in memory computes exactly what the stored checkpoint computes.
     """
-    out = _quantize_layers(model, allocation, method, calib, gptq or GPTQConfig(), batch_size, progress)
+    gptq, awq = gptq or GPTQConfig(), awq or AWQConfig()
+    out = _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress)
     round_to_storage(model, skip=set(out))
     return out
 
@@ -64,7 +73,7 @@ def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
             param.data.copy_(param.data.half().float())
 
 
-def _quantize_layers(model, allocation, method, calib, gptq, batch_size, progress) -> dict[str, QuantizedWeight]:
+def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress) -> dict[str, QuantizedWeight]:
     if method not in METHODS:
         raise AutompError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     inv = inventory(model, include_lm_head=lm_head_name(model) in allocation.formats)
@@ -87,20 +96,27 @@ def _quantize_layers(model, allocation, method, calib, gptq, batch_size, progres
             quantize_layer(name, None)
         return out
     if calib is None or len(calib) == 0:
-        raise AutompError("GPTQ needs calibration data (--calib)")
+        raise AutompError(f"{method.upper()} needs calibration data (--calib)")
     blocks = decoder_blocks(model)
     block_of = {layer.name: layer.block for layer in inv.layers}
     inputs = _capture_block_inputs(model, blocks[0], calib, batch_size)
-    for index, block in enumerate(tqdm(blocks, desc="gptq blocks", disable=not progress, leave=False)):
+    for index, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress, leave=False)):
         names = [name for name in todo if block_of[name] == index]
-        with _hessian_hooks({name: modules[name] for name in names}) as hessians:
-            for _ in _run_block(block, inputs):
-                pass
+        if method == "awq":
+            awq_scale_block(block, inputs, {modules[name]: allocation.format_of(name) for name in names}, awq.clip)
+            hessians = dict.fromkeys(names)  # the scaled weights are rounded with RTN
+        else:
+            with _hessian_hooks({name: modules[name] for name in names}) as hessians:
+                for _ in _run_block(block, inputs):
+                    pass
         for name in names:
             quantize_layer(name, hessians[name])
         outputs = _run_block(block, inputs)
         inputs = [_with_hidden(args, kwargs, hidden) for (args, kwargs), hidden in zip(inputs, outputs, strict=True)]
     for name in [name for name in todo if block_of[name] == len(blocks)]:  # lm_head, after the final norm
+        if method == "awq":
+            quantize_layer(name, None)
+            continue
         with _hessian_hooks({name: modules[name]}) as hessians:
             for batch in calib.split(batch_size):
                 model(input_ids=batch.to(_device(model)), use_cache=False)

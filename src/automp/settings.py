@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from automp.errors import AutompError
-from automp.formats import get_format
+from automp.formats import get_format, parse_formats
 
 
 class ModelSettings(BaseModel):
@@ -26,13 +26,17 @@ class ModelSettings(BaseModel):
 
 
 class EvalSettings(ModelSettings):
-    ppl: str
+    ppl: str | None = None
+    tasks: str | None = None  # comma-separated task names, e.g. piqa,arc_easy,winogrande
+    tasks_dir: Path | None = None  # default: ./data/eval
+    limit: int | None = None  # the first N items of each task
+    backend: Literal["automp", "lm-eval"] = "automp"
 
 
 class QuantizeSettings(ModelSettings):
     out: Path
     scheme: str = "w4g128"
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
     calib: str | None = None
     nsamples: int = 128
     eval: str | None = None
@@ -44,6 +48,105 @@ class QuantizeSettings(ModelSettings):
     @classmethod
     def _known_format(cls, value: str) -> str:
         return get_format(value).name
+
+
+class ProfileSettings(ModelSettings):
+    """``automp profile``: the sensitivity table of every layer x format, written to ``out``."""
+
+    out: Path
+    formats: str = "w2g64,w3g128,w4g128,w8,fp16"
+    calib: str | None = None
+    nsamples: int = 128
+    kl: bool = False  # also measure KL(full || one layer quantized): a forward per layer x format
+    kl_windows: int = 8
+    kl_text: str | None = None  # default: the calibration text, windows drawn with seed + 1
+    damp: float = 0.01
+    act_order: bool = True
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: str) -> str:
+        return ",".join(fmt.name for fmt in parse_formats(value))
+
+
+class SearchSettings(BaseModel):
+    """``automp search``: one allocation for ``target_bits`` (saved to ``out``), or a ``frontier`` curve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Path  # the directory (or file) `automp profile` wrote the sensitivity table to
+    target_bits: float | None = None  # average stored bits per weight of the allocated layers
+    frontier: str | None = None  # "lo:hi:step": the predicted loss at each target instead
+    solver: str = "knapsack"
+    proxy: str = "hessian"
+    formats: str | None = None  # comma-separated subset of the profiled formats; default all
+    pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
+    tie_fused: bool = False
+    max_loss: float | None = None  # greedy: a predicted-loss budget as well
+    seed: int = 0
+    out: Path | None = None
+    # real quality: --verify, --refine and the solvers that measure it (reinforce, ppo, anneal)
+    model: str | None = None  # default: the model the table was profiled on
+    eval: str | None = None  # held-out evaluation text (never the calibration text)
+    eval_windows: int = 8
+    seqlen: int | None = None  # default: the profile's
+    method: Literal["rtn", "gptq"] = "rtn"  # how the evaluator quantizes each layer
+    calib: str | None = None  # GPTQ's calibration text; default: the profile's
+    nsamples: int = 128
+    metric: Literal["ppl", "kl"] = "ppl"
+    verify: int | None = None  # evaluate the top K candidates end to end
+    refine: bool = False  # swap-move local search on the real loss
+    max_evals: int = 100  # evaluations for --refine and the anneal solver
+    episodes: int | None = None  # reinforce / ppo
+    state: Path | None = None  # reinforce / ppo training state file: resumed when it exists
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        pins = {}
+        for item in value:
+            layer, sep, fmt = str(item).partition("=")
+            if not (sep and layer and fmt):
+                raise ValueError(f"pin {item!r} must be layer=format")
+            pins[layer.strip()] = get_format(fmt).name
+        return pins
+
+
+class RunSettings(ModelSettings):
+    """``automp run``: profile (reused when cached), search, quantize the allocation, evaluate, into ``out``."""
+
+    out: Path
+    target_bits: float
+    solver: str = "knapsack"
+    proxy: str = "hessian"
+    formats: str = "w2g64,w3g128,w4g128,w8,fp16"  # profiled, and the formats the search may choose
+    pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
+    tie_fused: bool = False
+    method: Literal["rtn", "gptq"] = "gptq"
+    calib: str | None = None
+    nsamples: int = 128
+    eval: str | None = None
+    eval_windows: int = 8  # windows the measuring solvers (reinforce, ppo, anneal) evaluate on
+    episodes: int | None = None  # reinforce / ppo
+    kl: bool = False  # also profile KL (slow); needed only for --proxy kl
+    damp: float = 0.01
+    act_order: bool = True
+
+    _known_formats = field_validator("formats")(ProfileSettings._known_formats.__func__)
+    _pairs = field_validator("pin", mode="before")(SearchSettings._pairs.__func__)
+
+
+class ExportSettings(BaseModel):
+    """``automp export``: a deployable form of an automp output directory (``run``) written to ``out``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: Path
+    format: Literal["compressed-tensors", "gguf-map", "gptq-dynamic"]
+    out: Path
+    engine: Literal["vllm", "transformers"] = "vllm"  # which engine's limits to warn about
 
 
 def load_settings(cls: type[BaseModel], config: Path | None, flags: dict) -> BaseModel:

@@ -1,0 +1,88 @@
+"""An automp output directory read for export: allocation, layer inventory, packed weights, dense tensors.
+
+Exports need the stored codes and scales exactly as ``automp quantize`` (or ``automp run``) wrote them,
+not a dequantized model, so the checkpoint files are read directly. The layer inventory (blocks, roles,
+fused groups) comes from the model built on the ``meta`` device: no weight memory, no computation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from automp.allocation import Allocation
+from automp.checkpoint import DENSE_TENSORS, QUANT_FILE, QUANT_TENSORS
+from automp.errors import AutompError
+from automp.model import Inventory, inventory, lm_head_name
+from automp.quantizers.qweight import QuantizedWeight
+
+SETTINGS_FILE = "automp_config.json"  # the settings the run was made with (written by the pipeline)
+
+
+@dataclass
+class RunDir:
+    path: Path
+    config: object  # transformers PretrainedConfig
+    allocation: Allocation
+    skeleton: nn.Module  # the model on the meta device: module types and names only
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / QUANT_FILE).is_file():
+            raise AutompError(f"{path} is not an automp output directory (no {QUANT_FILE}); run automp quantize first")
+        allocation = Allocation.load(path / QUANT_FILE)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config)
+        except Exception as err:  # unknown architectures and broken configs raise many types
+            raise AutompError(f"could not rebuild the model described by {path / 'config.json'}: {err}") from err
+        run = cls(path, config, allocation, skeleton)
+        allocation.check(run.inventory)
+        return run
+
+    @cached_property
+    def inventory(self) -> Inventory:
+        return inventory(self.skeleton, include_lm_head=lm_head_name(self.skeleton) in self.allocation.formats)
+
+    @cached_property
+    def settings(self) -> dict:
+        """The run's own settings (method, act-order, damping); empty when the file is absent."""
+        file = self.path / SETTINGS_FILE
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+        """Every quantized layer's codes, scales and zero-points, exactly as stored."""
+        file = self.path / QUANT_TENSORS
+        try:
+            packed = load_file(file)
+            with safe_open(file, "pt") as handle:
+                shapes = {name: tuple(json.loads(shape)) for name, shape in (handle.metadata() or {}).items()}
+        except Exception as err:
+            raise AutompError(f"corrupt automp checkpoint in {self.path}: {err}") from err
+        out = {}
+        for name, fmt in self.allocation.formats.items():
+            if fmt in ("fp16", "bf16"):
+                continue
+            tensors = {k.removeprefix(name + "."): v for k, v in packed.items() if k.startswith(name + ".")}
+            if not tensors or name not in shapes:
+                raise AutompError(f"corrupt automp checkpoint in {self.path}: no packed tensors for {name}")
+            out[name] = QuantizedWeight.from_state_dict(fmt, shapes[name], tensors)
+        return out
+
+    def dense_tensors(self) -> dict[str, torch.Tensor]:
+        """Every other tensor (embeddings, norms, unquantized layers) in its stored 16-bit dtype."""
+        try:
+            return load_file(self.path / DENSE_TENSORS)
+        except Exception as err:
+            raise AutompError(f"corrupt automp checkpoint in {self.path}: {err}") from err

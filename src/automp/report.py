@@ -1,0 +1,293 @@
+"""``automp report DIR``: an HTML page of plots about one ``automp run`` directory.
+
+``DIR/report/index.html`` references PNG files beside it (matplotlib, Agg backend) and holds a small
+table of the run's metrics. Sections:
+
+* **sensitivity**: the proxy of every layer at one reference format, as a heat map of blocks x roles
+  (log scale);
+* **allocation**: the bits per weight of each layer's chosen format, blocks x roles;
+* **frontier**: the predicted loss vs average bits (``search.frontier`` on the saved table), with each
+  uniform format and the run's own allocation marked;
+* **statistics**: input-activation and weight statistics per layer;
+* **learning curves**: PPL (or KL), memory saving and reward per episode, when a learned solver saved a
+  curve (``allocation.json.curve.json``);
+* **seeds** (``--seeds N`` only): the final PPL of N runs of search + quantize + evaluate with seeds
+  0..N-1, as a box plot. Each seed re-quantizes the model, so this is the slow section.
+
+A section whose input is missing says so on the page instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from automp.errors import AutompError
+from automp.formats import get_format
+from automp.sensitivity.table import TABLE_FILE, SensitivityTable
+
+REPORT_DIR = "report"
+CURVE_SUFFIX = ".curve.json"
+REFERENCE_FORMATS = ("w4g128", "w4g64", "w4", "w3g128")  # preferred reference for the sensitivity map
+
+
+def write_report(run_dir: Path, seeds: int = 0, progress: bool = True) -> dict:
+    """Write ``run_dir/report/index.html`` and its PNGs; returns the page's path and each section's state."""
+    from automp.pipeline import ALLOCATION_FILE, staged_output
+    from automp.search.result import SearchResult
+
+    run_dir = Path(run_dir)
+    if not (run_dir / TABLE_FILE).is_file():
+        raise AutompError(f"{run_dir} is not an `automp run` directory (no {TABLE_FILE})")
+    if seeds < 0:
+        raise AutompError(f"--seeds must be at least 0, got {seeds}")
+    table = SensitivityTable.load(run_dir / TABLE_FILE)
+    result = SearchResult.load(run_dir / ALLOCATION_FILE) if (run_dir / ALLOCATION_FILE).is_file() else None
+    metrics = _read_json(run_dir / "metrics.json") or {}
+    curve = _read_json(run_dir / (ALLOCATION_FILE + CURVE_SUFFIX))
+    proxy = result.proxy if result is not None else "hessian"
+
+    sections: list[tuple[str, str, Callable[[Path], str | None]]] = [
+        ("sensitivity", "Per-layer sensitivity", lambda path: _sensitivity(table, proxy, path)),
+        ("allocation", "Allocation", lambda path: _allocation(table, result, path)),
+        ("frontier", "Pareto frontier (predicted)", lambda path: _frontier(table, result, proxy, path)),
+        ("statistics", "Weight and activation statistics", lambda path: _statistics(table, path)),
+        ("curves", "Learning curves", lambda path: _curves(curve, path)),
+    ]
+    if seeds:
+        sections.append(("seeds", "Final PPL across seeds", lambda path: _seeds(run_dir, seeds, path, progress)))
+    out = run_dir / REPORT_DIR
+    states: dict[str, str] = {}
+    parts = [f"<h1>automp report: {html.escape(str(run_dir.resolve().name))}</h1>", _metrics_table(metrics, table)]
+    with staged_output(out) as staging:
+        for key, title, draw in sections:
+            missing = draw(staging / f"{key}.png")  # None when drawn, else why not
+            states[key] = "drawn" if missing is None else "missing"
+            body = f'<img src="{key}.png" alt="{html.escape(title)}">' if missing is None else f"<p>{missing}</p>"
+            parts.append(f"<h2>{html.escape(title)}</h2>\n{body}")
+        page = "<!doctype html>\n<html><head><meta charset='utf-8'><title>automp report</title>"
+        page += "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
+        page += "td,th{padding:2px 8px;text-align:left}</style></head><body>\n"
+        page += "\n".join(parts) + "\n</body></html>\n"
+        (staging / "index.html").write_text(page)
+    return {"index": str(out / "index.html"), "sections": states}
+
+
+def _read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise AutompError(f"could not read {path}: {err}") from err
+
+
+def _metrics_table(metrics: dict, table: SensitivityTable) -> str:
+    rows = {"model": table.model, "layers": len(table.layers), "profiled formats": ", ".join(table.formats)}
+    for key in ("solver", "proxy", "method", "target_bits", "avg_bits", "bytes", "predicted_loss", "ppl", "seconds"):
+        if key in metrics:
+            value = metrics[key]
+            rows[key] = f"{value:.6g}" if isinstance(value, float) else value
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f"<table>{cells}</table>"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(table: SensitivityTable, values: dict[str, float]) -> tuple[np.ndarray, list[int], list[str]]:
+    """(blocks, roles) array of ``values`` by layer name; NaN where a block has no such role."""
+    blocks = sorted({layer.block for layer in table.layers})
+    roles = list(dict.fromkeys(layer.role for layer in table.layers))
+    grid = np.full((len(blocks), len(roles)), np.nan)
+    for layer in table.layers:
+        if layer.name in values:
+            grid[blocks.index(layer.block), roles.index(layer.role)] = values[layer.name]
+    return grid, blocks, roles
+
+
+def _heatmap(grid: np.ndarray, blocks: list[int], roles: list[str], title: str, label: str, path: Path, **kw) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(roles), 1.2 + 0.35 * len(blocks)))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", **kw)
+    ax.set_xticks(range(len(roles)), roles)
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_xlabel("role")
+    ax.set_ylabel("block")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _reference_format(table: SensitivityTable) -> str | None:
+    quantized = [f for f in table.formats if get_format(f).quantized]
+    preferred = [f for f in REFERENCE_FORMATS if f in quantized]
+    return (preferred or sorted(quantized, key=lambda f: -get_format(f).bits))[0] if quantized else None
+
+
+def _sensitivity(table: SensitivityTable, proxy: str, path: Path) -> str | None:
+    from matplotlib.colors import LogNorm
+
+    reference = _reference_format(table)
+    if reference is None:
+        return "No quantized format was profiled, so there is no sensitivity to show."
+    column = table.proxy_matrix(proxy)[:, table.format_index(reference)]
+    values = {layer.name: float(v) for layer, v in zip(table.layers, column, strict=True) if v > 0}
+    if not values:
+        return f"Every layer's {proxy} proxy at {reference} is zero."
+    grid, blocks, roles = _grid(table, values)
+    norm = LogNorm(vmin=min(values.values()), vmax=max(values.values()))
+    _heatmap(grid, blocks, roles, f"{proxy} proxy at {reference}", f"{proxy} (log scale)", path, norm=norm)
+    return None
+
+
+def _allocation(table: SensitivityTable, result, path: Path) -> str | None:
+    if result is None:
+        return "No allocation.json in the run directory."
+    sizes = {layer.name: layer for layer in table.layers}
+    bits = {
+        name: get_format(fmt).bits_per_weight(sizes[name].out_features, sizes[name].in_features)
+        for name, fmt in result.formats.items()
+        if name in sizes
+    }
+    grid, blocks, roles = _grid(table, bits)
+    _heatmap(grid, blocks, roles, f"{result.solver} at {result.target_bits:g} bits", "bits per weight", path)
+    return None
+
+
+def _frontier(table: SensitivityTable, result, proxy: str, path: Path) -> str | None:
+    from automp.search.frontier import frontier
+    from automp.search.grouped import Grouped
+    from automp.search.problem import Problem
+
+    problem = Problem(table=table, proxy=proxy, allowed=result.allowed if result else None)
+    grouped = Grouped.of(problem)
+    lo, hi = grouped.min_avg_bits(), float(table.bits_matrix().max(axis=1).sum() / table.weight_count())
+    step = max((hi - lo) / 40, 1e-3)
+    points = frontier(problem, lo, hi, step)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.step([p.avg_bits for p in points], [p.predicted_loss for p in points], where="post", label="knapsack frontier")
+    bits, loss = table.bits_matrix(), table.proxy_matrix(proxy)
+    for j, fmt in enumerate(table.formats):
+        avg = bits[:, j].sum() / table.weight_count()
+        ax.scatter([avg], [loss[:, j].sum()], marker="s", zorder=3)
+        ax.annotate(fmt, (avg, loss[:, j].sum()), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if result is not None:
+        ax.scatter([result.avg_bits], [result.predicted_loss], marker="*", s=160, c="red", zorder=4, label="this run")
+    ax.set_yscale("symlog", linthresh=_linear_threshold(loss))
+    ax.set_xlabel("average stored bits per weight")
+    ax.set_ylabel(f"predicted loss ({proxy}, summed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def _linear_threshold(loss: np.ndarray) -> float:
+    positive = loss[loss > 0]
+    return float(positive.min()) if positive.size else 1.0
+
+
+def _statistics(table: SensitivityTable, path: Path) -> str | None:
+    plt = _pyplot()
+    fields = [
+        ("act_max", "input max |x|"),
+        ("act_kurtosis", "input kurtosis"),
+        ("weight_max", "weight max |w|"),
+        ("weight_kurtosis", "weight kurtosis"),
+    ]
+    x = np.arange(len(table.layers))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    for ax, (field, title) in zip(axes.flat, fields, strict=True):
+        ax.bar(x, [getattr(layer, field) for layer in table.layers])
+        ax.set_title(title)
+        ax.set_yscale("log" if all(getattr(layer, field) > 0 for layer in table.layers) else "linear")
+    for ax in axes[1]:
+        ax.set_xticks(x, [f"{layer.block}.{layer.role}" for layer in table.layers], rotation=90, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def _curves(curve: list | None, path: Path) -> str | None:
+    if not curve:
+        return "No learning curve: the allocation came from a solver that does not learn (knapsack, greedy, quantile)."
+    metric = next((key for key in ("ppl", "kl", "loss") if key in curve[0]), None)
+    panels = [(key, key) for key in (metric, "memory_saving", "reward") if key is not None and key in curve[0]]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    episodes = [row.get("episode", i) for i, row in enumerate(curve)]
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        ax.plot(episodes, [row[key] for row in curve])
+        ax.set_title(title)
+        ax.set_xlabel("episode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def _seeds(run_dir: Path, count: int, path: Path, progress: bool) -> str | None:
+    ppls = seed_ppls(run_dir, count, progress)
+    if not ppls:
+        return "The run has no evaluation text (--eval), so there is no PPL to compare across seeds."
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.boxplot([ppls])
+    ax.scatter(np.ones(len(ppls)), ppls, s=12, c="black", zorder=3)
+    ax.set_xticks([1], [f"{count} seeds"])
+    ax.set_ylabel("perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def seed_ppls(run_dir: Path, count: int, progress: bool = True) -> list[float]:
+    """Final PPL of search + quantize + evaluate with seeds 0..count-1 (solver and calibration windows).
+
+    Each seed re-uses the run's own settings (``automp_config.json``) and cached sensitivity table;
+    nothing is saved but the numbers. Empty when the run had no evaluation text.
+    """
+    import tempfile
+
+    from automp.pipeline import quantize_model, search
+    from automp.search.result import SearchResult
+    from automp.settings import QuantizeSettings, RunSettings, SearchSettings
+
+    settings = RunSettings.model_validate_json((run_dir / "automp_config.json").read_text())
+    if settings.eval is None:
+        return []
+    shared = (set(SearchSettings.model_fields) & set(RunSettings.model_fields)) - {"out", "method", "seed"}
+    fields = set(QuantizeSettings.model_fields) - {"scheme", "lm_head", "seed"}
+    ppls = []
+    scratch = Path(tempfile.mkdtemp(prefix="automp-seeds-"))
+    try:
+        for seed in range(count):
+            out = scratch / f"allocation-{seed}.json"
+            search(
+                SearchSettings(profile=run_dir / TABLE_FILE, out=out, seed=seed, **settings.model_dump(include=shared))
+            )
+            quantize = QuantizeSettings(**settings.model_dump(include=fields), seed=seed)
+            quantized = quantize_model(quantize, SearchResult.load(out).allocation, progress=progress)
+            ppls.append(quantized.metrics["ppl"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [p for p in ppls if math.isfinite(p)]

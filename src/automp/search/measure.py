@@ -1,0 +1,115 @@
+"""The real-quality steps of ``automp search``: the evaluator, ``--verify K`` and ``--refine``.
+
+An evaluator is built only when something measures real quality: a solver that needs one
+(reinforce, ppo, anneal), ``--verify`` or ``--refine``. It loads the model (by default the one the
+table was profiled on) and cuts ``--eval-windows`` windows from the ``--eval`` text. The
+evaluation text must not be the calibration text, neither the profile's nor ``--calib``. Otherwise
+the measured quality would reward fitting the calibration data.
+
+* ``--verify K`` evaluates the top K candidates (``verify.candidates``) and reports each proxy's
+  Spearman correlation with the real loss. It keeps the candidate with the lowest real loss.
+* ``--refine`` runs a swap-move local search on the real loss from the current solution, with at
+  most ``--max-evals`` evaluations.
+
+Every figure goes into the command's JSON. The final allocation's real loss is measured once more,
+and the learning curve of a learned solver is written beside the output as ``<out>.curve.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from automp.data import load_windows
+from automp.errors import AutompError
+from automp.search.evaluator import AllocationEvaluator
+from automp.search.problem import Problem, Solution
+from automp.search.verify import candidates, proxy_scores, refine, verify
+
+MEASURING_SOLVERS = ("reinforce", "ppo", "anneal")
+
+
+def wants_evaluator(settings) -> bool:
+    return settings.solver in MEASURING_SOLVERS or bool(settings.verify) or settings.refine
+
+
+def solver_options(settings) -> dict:
+    """Options of the measuring solvers, passed only when given (others reject them by name)."""
+    options = {}
+    if settings.episodes is not None:
+        options["episodes"] = settings.episodes
+    if settings.state is not None:
+        options["state"] = settings.state
+    if settings.solver == "anneal":
+        options["max_evals"] = settings.max_evals
+    return options
+
+
+def build_evaluator(settings, problem: Problem) -> AllocationEvaluator | None:
+    """The evaluator the settings ask for, or None when nothing measures real quality."""
+    if not wants_evaluator(settings):
+        return None
+    from automp.model import load_model
+
+    if settings.eval is None:
+        raise AutompError(
+            f"--solver {settings.solver} / --verify / --refine measure real quality: give --eval TEXT (held out)"
+        )
+    table = problem.table
+    calib_spec = settings.calib or table.calib.spec
+    for spec in {table.calib.spec, calib_spec}:
+        if _same_text(settings.eval, spec):
+            raise AutompError(f"--eval {settings.eval} is the calibration text; evaluate on held-out text")
+    if settings.eval_windows < 1:
+        raise AutompError("--eval-windows must be at least 1")
+    model, tokenizer = load_model(settings.model or table.model)
+    seqlen = settings.seqlen or table.calib.seqlen
+    windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
+    calib = None
+    if settings.method == "gptq":
+        nsamples = settings.nsamples if settings.calib else table.calib.nsamples
+        calib = load_windows(calib_spec, tokenizer, seqlen, nsamples, table.calib.seed)
+    formats = problem.allowed or table.formats
+    return AllocationEvaluator(model, windows, formats, calib=calib, method=settings.method, metric=settings.metric)
+
+
+def check_and_refine(
+    settings, problem: Problem, solution: Solution, evaluator: AllocationEvaluator
+) -> tuple[Solution, dict]:
+    """``--verify`` and ``--refine`` on ``solution``; the (possibly better) solution and the figures."""
+    extra: dict = {
+        "evaluator": {
+            "metric": evaluator.metric,
+            "windows": len(evaluator.windows),
+            "seqlen": evaluator.windows.shape[1],
+            "baseline": evaluator.baseline,
+            "fp_ppl": evaluator.fp.ppl,
+        }
+    }
+    learned_curve = solution.curve  # the solver's own; refine's curve is summarised below
+    if settings.verify:
+        pool = candidates(problem, solution, settings.verify)
+        report = verify(pool, evaluator, proxy_scores(pool, problem.table))
+        solution = pool[report["best"]]
+        extra["verify"] = {**report, "solvers": [c.solver for c in pool], "avg_bits": [c.avg_bits for c in pool]}
+    if settings.refine:
+        refined = refine(solution, problem, evaluator, settings.max_evals)
+        extra["refine"] = {
+            "evaluations": refined.evaluations,
+            "start": refined.curve[0]["loss"],
+            "best": min(row["loss"] for row in refined.curve),
+        }
+        solution = refined
+    extra["real_loss"] = evaluator(solution.allocation)
+    extra["total_evaluations"] = evaluator.evaluations  # the solver's own, verify's and refine's
+    if learned_curve and settings.out is not None:
+        path = Path(settings.out).with_name(Path(settings.out).name + ".curve.json")
+        from automp.pipeline import write_file_atomic
+
+        write_file_atomic(path, json.dumps(learned_curve, indent=1))
+        extra["curve"] = str(path)
+    return solution, extra
+
+
+def _same_text(a: str, b: str) -> bool:
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve() or a == b

@@ -1,0 +1,417 @@
+"""The measurement pass behind ``automp profile``: one pass over calibration data, then every layer x
+format measured, saved as a :class:`SensitivityTable`.
+
+**Pre-pass** (once per model). Every calibration window gets its own forward and backward pass
+through the full-precision model. Forward hooks on each inventory layer accumulate
+
+* the moments of the layer's *input* (abs-mean, std, max |x|, kurtosis), and
+* its input Hessian ``H = X^T X / n`` (``HessianAccumulator``, as GPTQ uses it).
+
+The backward pass gives ``g_i = dL_i/dW``, where ``L_i`` is window ``i``'s mean next-token NLL. The
+pass keeps ``grad = mean_i g_i`` (the gradient of the calibration loss) and the diagonal empirical
+Fisher ``F = mean_i g_i**2`` (one "batch" is one window).
+
+**Per layer x format**, with ``dW = GPTQ(W; H, format) - W`` (the final quantizer is GPTQ, so
+errors are GPTQ's, applied to this layer alone on its full-precision inputs):
+
+* ``bits``: exact stored bits (``Format.storage_bits``),
+* ``weight_mse``: the *sum* of squared weight errors ``sum dW**2`` (the mean times the weight count),
+* ``output_err``: GPTQ's objective ``tr(dW H dW^T)``,
+* ``grad_first_order``: ``sum |grad * dW|``,
+* ``fisher``: ``1/2 sum F * dW**2``. Because F comes from whole-window gradients, its scale is about
+  1/seqlen of a per-token Fisher; it ranks layers and formats, but it is not in loss units,
+* ``kl`` (optional): the mean per-token ``KL(full || quantized)`` on separate windows, with only
+  this layer quantized.
+
+Unquantized formats (fp16/bf16) cost 0 under every proxy: their rounding error is ignored.
+
+**Memory.** The model, plus for every inventory layer two fp32 weight-sized accumulators (mean
+gradient, Fisher) and one fp32 ``in x in`` Hessian, all on the layer's device. Activation moments
+are scalars. With KL, the reference log-probabilities of the KL windows are held too
+(windows x seqlen x vocab fp32).
+
+**Resuming.** With ``work_dir``, the pre-pass is saved to ``prepass.safetensors`` + ``prepass.json``
+and each finished layer to ``layers/<name>.json``. Every write is atomic (temporary file, then
+``os.replace``). A restarted run with the same settings skips whatever is already there. The final
+table is always assembled from the per-layer JSON files, so a resumed run writes the same bytes as an
+uninterrupted one. ``manifest.json`` records the settings. If a run finds a work directory written
+under other settings, it starts that directory afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from automp.checkpoint import _dense_tensors
+from automp.errors import AutompError
+from automp.formats import Format
+from automp.model import Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
+from automp.quantize import GPTQConfig
+from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
+from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, SensitivityTable
+
+if TYPE_CHECKING:
+    from automp.pipeline import Stopwatch
+
+MANIFEST = "manifest.json"
+PREPASS_TENSORS = "prepass.safetensors"
+PREPASS_JSON = "prepass.json"  # written last: its presence marks a complete pre-pass
+LAYERS_DIR = "layers"
+
+
+def profile_model(
+    model: nn.Module,
+    formats: list[Format],
+    calib: torch.Tensor,
+    *,
+    model_name: str,
+    calib_info: CalibInfo,
+    kl_windows: torch.Tensor | None = None,
+    work_dir: Path | None = None,
+    gptq: GPTQConfig | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    clock: Stopwatch | None = None,
+) -> SensitivityTable:
+    """Measure every inventory layer of ``model`` in every format; see the module docstring.
+
+    ``calib``: (n, seqlen) calibration token windows; ``kl_windows``: (k, seqlen) windows for the
+    optional KL measurement (a forward pass per layer x quantized format). ``batch_size`` is the
+    number of windows per forward pass for KL (the pre-pass goes one window at a time). Without
+    ``work_dir`` a temporary one is used and removed.
+    """
+    inv = inventory(model)
+    _check_inputs(inv, formats, calib)
+    gptq = gptq or GPTQConfig()
+    if work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="automp-profile-") as tmp:
+            return profile_model(
+                model, formats, calib, model_name=model_name, calib_info=calib_info, kl_windows=kl_windows,
+                work_dir=Path(tmp), gptq=gptq, batch_size=batch_size, progress=progress, clock=clock,
+            )  # fmt: skip
+
+    stage = clock.stage if clock is not None else _no_stage
+    work = Path(work_dir)
+    _open_work_dir(work, _manifest(model_name, inv, formats, calib, calib_info, kl_windows, gptq))
+    with stage("prepass"):
+        if not (work / PREPASS_JSON).is_file():
+            _save_prepass(work, _prepass(model, inv, calib, progress))
+        prepass = _load_prepass(work, _device(model))  # always from disk: a resumed run sees the same values
+
+    todo = [layer for layer in inv.layers if not _layer_path(work, layer.name).is_file()]
+    if todo:
+        probe = None
+        if kl_windows is not None:
+            with stage("kl"):
+                probe = _KLProbe(model, kl_windows, batch_size)
+        for layer in tqdm(todo, desc="profile layers", disable=not progress, leave=False):
+            record = _measure_layer(model, layer, formats, prepass, gptq, probe, stage)
+            _write_atomic(_layer_path(work, layer.name), json.dumps(record, indent=1))
+    return _assemble(work, model, inv, formats, model_name, calib_info)
+
+
+# ---- inputs and the work directory -------------------------------------------------------------
+
+
+def _check_inputs(inv: Inventory, formats: list[Format], calib: torch.Tensor) -> None:
+    if not formats:
+        raise AutompError("no formats given to profile")
+    names = [fmt.name for fmt in formats]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise AutompError(f"format {repeated[0]} is listed more than once")
+    for fmt in formats:  # fail before an hour of measurement, not after
+        for layer in inv.layers:
+            fmt.check_shape(layer.out_features, layer.in_features)
+    if calib.ndim != 2 or len(calib) == 0 or calib.shape[1] < 2:
+        raise AutompError("profiling needs calibration windows of at least 2 tokens (--calib)")
+
+
+def _manifest(model_name, inv, formats, calib, calib_info, kl_windows, gptq) -> dict:
+    """Everything the work directory's contents depend on."""
+    return {
+        "model": model_name,
+        "layers": [[layer.name, layer.out_features, layer.in_features] for layer in inv.layers],
+        "formats": [fmt.name for fmt in formats],
+        "calib": calib_info.model_dump(),
+        "calib_sha256": _tokens_digest(calib),
+        "kl_sha256": None if kl_windows is None else _tokens_digest(kl_windows),
+        "gptq": asdict(gptq),
+    }
+
+
+def _tokens_digest(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _open_work_dir(work: Path, manifest: dict) -> None:
+    """Reuse ``work`` if it was written under the same manifest; otherwise start it afresh."""
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    path = work / MANIFEST
+    if path.is_file() and path.read_text() == text:
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    (work / LAYERS_DIR).mkdir(parents=True)
+    _write_atomic(path, text)
+
+
+def _layer_path(work: Path, name: str) -> Path:
+    return work / LAYERS_DIR / f"{name}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _no_stage(_name: str):
+    yield
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---- the pre-pass -----------------------------------------------------------------------------
+
+
+class Moments:
+    """Streaming float64 moments of every element seen: abs-mean, std, max |x| and kurtosis."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums = torch.zeros(4, dtype=torch.float64)  # sum x, x^2, x^3, x^4
+        self.abs_sum = 0.0
+        self.abs_max = 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        self.count += x.numel()
+        x2 = x * x
+        self.sums += torch.stack([x.sum(), x2.sum(), (x2 * x).sum(), (x2 * x2).sum()]).cpu()
+        self.abs_sum += float(x.abs().sum())
+        self.abs_max = max(self.abs_max, float(x.abs().max()))
+
+    def summary(self) -> dict[str, float]:
+        """Population std and Pearson kurtosis E[(x-mu)^4] / var^2 (3 for a Gaussian; 0 if constant)."""
+        s1, s2, s3, s4 = (float(v) / self.count for v in self.sums)
+        var = max(s2 - s1 * s1, 0.0)
+        m4 = s4 - 4 * s1 * s3 + 6 * s1 * s1 * s2 - 3 * s1**4
+        return {
+            "absmean": self.abs_sum / self.count,
+            "std": math.sqrt(var),
+            "max": self.abs_max,
+            "kurtosis": m4 / (var * var) if var > 0 else 0.0,
+        }
+
+
+@dataclass
+class Prepass:
+    hessians: dict[str, torch.Tensor]  # layer -> (in, in) input Hessian X^T X / n
+    grads: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of dL_i/dW
+    fisher: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of (dL_i/dW)^2
+    activations: dict[str, dict[str, float]]  # layer -> Moments.summary() of its input
+
+
+def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bool) -> Prepass:
+    """One forward + backward per calibration window through the full-precision model."""
+    modules = {layer.name: model.get_submodule(layer.name) for layer in inv.layers}
+    weights = {name: module.weight for name, module in modules.items()}
+    in_features = {layer.name: layer.in_features for layer in inv.layers}
+    hessians = {name: HessianAccumulator(in_features[name], w.device) for name, w in weights.items()}
+    moments = {name: Moments() for name in modules}
+    grads = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
+    fisher = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
+
+    def record_input(name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach()
+            hessians[name].add(x)
+            moments[name].add(x)
+
+        return hook
+
+    hooks = [module.register_forward_hook(record_input(name)) for name, module in modules.items()]
+    # gradients are needed for the layer weights only; every other parameter is frozen meanwhile
+    flags = {param: param.requires_grad for param in model.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    try:
+        for window in tqdm(calib, desc="profile pre-pass", disable=not progress, leave=False):
+            ids = window.unsqueeze(0).to(_device(model))
+            with torch.enable_grad():
+                logits = model(input_ids=ids, use_cache=False).logits.float()
+                loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+                window_grads = torch.autograd.grad(loss, list(weights.values()))
+            for name, grad in zip(weights, window_grads, strict=True):
+                grad = grad.float()
+                grads[name] += grad
+                fisher[name] += grad * grad
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    n = len(calib)
+    return Prepass(
+        hessians={name: acc.hessian for name, acc in hessians.items()},
+        grads={name: _out_in(modules[name], grads[name] / n) for name in modules},
+        fisher={name: _out_in(modules[name], fisher[name] / n) for name in modules},
+        activations={name: m.summary() for name, m in moments.items()},
+    )
+
+
+def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as (out, in), like ``linear_weight`` (GPT-2's Conv1D stores (in, out))."""
+    return tensor.T.contiguous() if isinstance(module, Conv1D) else tensor
+
+
+def _save_prepass(work: Path, prepass: Prepass) -> None:
+    tensors = {}
+    for kind in ("hessians", "grads", "fisher"):
+        tensors.update({f"{name}:{kind}": t.detach().cpu().contiguous() for name, t in getattr(prepass, kind).items()})
+    tmp = work / f".{PREPASS_TENSORS}.tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, work / PREPASS_TENSORS)
+    _write_atomic(work / PREPASS_JSON, json.dumps({"activations": prepass.activations}, indent=1))
+
+
+def _load_prepass(work: Path, device: torch.device) -> Prepass:
+    tensors = load_file(work / PREPASS_TENSORS, device=str(device))
+    parts: dict[str, dict[str, torch.Tensor]] = {"hessians": {}, "grads": {}, "fisher": {}}
+    for key, tensor in tensors.items():
+        name, kind = key.rsplit(":", 1)
+        parts[kind][name] = tensor
+    activations = json.loads((work / PREPASS_JSON).read_text())["activations"]
+    return Prepass(**parts, activations=activations)
+
+
+# ---- per layer ----------------------------------------------------------------------------------
+
+
+class _KLProbe:
+    """Mean per-token KL(full || model) on fixed windows; the full model's log-probs are kept."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
+        self.model = model
+        self.batches = [batch.to(_device(model)) for batch in windows.split(batch_size)]
+        self.reference = [self._log_probs(batch) for batch in self.batches]
+
+    @torch.no_grad()
+    def _log_probs(self, batch: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+
+    def with_weight(self, module: nn.Module, weight: torch.Tensor) -> float:
+        """The KL with ``module``'s weight replaced by ``weight`` (restored exactly afterwards)."""
+        original = linear_weight(module).detach().clone()
+        set_linear_weight(module, weight)
+        try:
+            total, tokens = 0.0, 0
+            for batch, reference in zip(self.batches, self.reference, strict=True):
+                per_token = F.kl_div(self._log_probs(batch), reference, log_target=True, reduction="none").sum(-1)
+                total += float(per_token.double().sum())
+                tokens += per_token.numel()
+        finally:
+            set_linear_weight(module, original)
+        # KL >= 0; a nearly lossless layer can read a hair below zero from float32 rounding noise
+        return max(total / tokens, 0.0)
+
+
+def _measure_layer(
+    model: nn.Module,
+    layer: LayerInfo,
+    formats: list[Format],
+    prepass: Prepass,
+    gptq: GPTQConfig,
+    probe: _KLProbe | None,
+    stage,
+) -> dict:
+    """Statistics of one layer and its cost in every format, as JSON-ready dicts."""
+    module = model.get_submodule(layer.name)
+    weight = linear_weight(module).detach().float().clone()  # the KL probe swaps the live weight
+    hessian = prepass.hessians[layer.name]
+    grad, fisher = prepass.grads[layer.name].double(), prepass.fisher[layer.name].double()
+    costs = {}
+    for fmt in formats:
+        bits = fmt.storage_bits(layer.out_features, layer.in_features)
+        if not fmt.quantized:
+            kl = 0.0 if probe is not None else None
+            zero = FormatCost(bits=bits, weight_mse=0.0, output_err=0.0, grad_first_order=0.0, fisher=0.0, kl=kl)
+            costs[fmt.name] = zero.model_dump()
+            continue
+        with stage("gptq"):
+            quantized = gptq_quantize(weight, hessian, fmt, **asdict(gptq)).dequantize()
+        error = (quantized - weight).double()
+        squared = error * error
+        kl = None
+        if probe is not None:
+            with stage("kl"):
+                kl = probe.with_weight(module, quantized)
+        cost = FormatCost(
+            bits=bits,
+            weight_mse=float(squared.sum()),
+            output_err=float(((error @ hessian.double()) * error).sum()),
+            grad_first_order=float((grad * error).abs().sum()),
+            fisher=0.5 * float((fisher * squared).sum()),
+            kl=kl,
+        )
+        costs[fmt.name] = cost.model_dump()
+    moments = Moments()
+    moments.add(weight)
+    act, wts = prepass.activations[layer.name], moments.summary()
+    stats = LayerStats(
+        name=layer.name, block=layer.block, role=layer.role,
+        out_features=layer.out_features, in_features=layer.in_features,
+        act_absmean=act["absmean"], act_std=act["std"], act_max=act["max"], act_kurtosis=act["kurtosis"],
+        weight_absmean=wts["absmean"], weight_std=wts["std"], weight_max=wts["max"], weight_kurtosis=wts["kurtosis"],
+    )  # fmt: skip
+    return {"stats": stats.model_dump(), "costs": costs}
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+
+def dense_bytes(model: nn.Module, layer_names: set[str]) -> int:
+    """Bytes of every tensor except the given layers' weights, in 16-bit with tied tensors once (as
+    ``checkpoint.model_bytes`` counts them)."""
+    return sum(t.numel() * t.element_size() for t in _dense_tensors(model, layer_names).values())
+
+
+def _assemble(
+    work: Path, model: nn.Module, inv: Inventory, formats: list[Format], model_name: str, calib_info: CalibInfo
+) -> SensitivityTable:
+    """The table from the per-layer JSON files, in inventory order."""
+    layers, costs = [], {}
+    for layer in inv.layers:
+        record = json.loads(_layer_path(work, layer.name).read_text())
+        layers.append(LayerStats.model_validate(record["stats"]))
+        costs[layer.name] = {fmt.name: FormatCost.model_validate(record["costs"][fmt.name]) for fmt in formats}
+    return SensitivityTable(
+        model=model_name,
+        formats=[fmt.name for fmt in formats],
+        layers=layers,
+        costs=costs,
+        fused=inv.fused,
+        calib=calib_info,
+        dense_bytes=dense_bytes(model, {layer.name for layer in inv.layers}),
+    )
