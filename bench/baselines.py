@@ -20,9 +20,9 @@ def llmcompressor_quantize(model_dir: str, scheme: str, calib: torch.Tensor, met
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier  # the scale search; quantization follows
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     fmt = get_format(scheme)

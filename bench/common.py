@@ -57,6 +57,24 @@ class Bench:
         }
 
 
+class RowCache:
+    """One JSON file per finished row, so a killed benchmark resumes where it stopped."""
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "rows"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> dict | None:
+        path = self.dir / f"{key.replace('/', '_')}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, key: str, row: dict) -> dict:
+        path = self.dir / f"{key.replace('/', '_')}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(row, indent=1))
+        path.with_suffix(".tmp").replace(path)
+        return row
+
+
 class Timer:
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()

@@ -19,7 +19,7 @@ from automp.allocation import Allocation  # noqa: E402
 from automp.checkpoint import model_bytes  # noqa: E402
 from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
-from common import Bench, Timer, markdown_table, report  # noqa: E402
+from common import Bench, RowCache, Timer, markdown_table, report  # noqa: E402
 
 FORMATS = ("w8", "w4g128", "w3g128", "w2g64", "nf4g64")
 AWQ_FORMATS = ("w4g128", "w3g128")
@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--no-llmcompressor", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--work", help="cache every finished row here, so a rerun resumes")
     args = parser.parse_args()
+    cache = RowCache(Path(args.work)) if args.work else None
 
     bench = Bench.load(args.model, args.data, args.nsamples)
     inv = inventory(bench.model)
@@ -50,6 +52,9 @@ def main() -> None:
     ]
     for scheme in args.formats.split(","):
         for method in ("rtn", "gptq", "awq") if scheme in AWQ_FORMATS else ("rtn", "gptq"):
+            if cache and (row := cache.get(f"{scheme}-{method}")):
+                rows.append(row)
+                continue
             model = bench.reset()
             allocation = Allocation.uniform(inv, scheme)
             with Timer() as timer:
@@ -65,6 +70,8 @@ def main() -> None:
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)
+            if cache:
+                cache.put(f"{scheme}-{method}", rows[-1])
 
     versus = []
     if not args.no_llmcompressor:
@@ -75,18 +82,22 @@ def main() -> None:
                 ours = next((r for r in rows if r["format"] == scheme and r["method"] == method), None)
                 if ours is None:  # not among --formats
                     continue
-                with Timer() as timer:
-                    theirs = llmcompressor_quantize(args.model, scheme, bench.calib, method)
-                bits = Allocation.uniform(inv, scheme).avg_bits(inv)
-                row = {
-                    "format": scheme,
-                    "method": f"llmcompressor-{method}",
-                    "avg_bits": bits,
-                    "seconds": timer.seconds,
-                    **bench.compare(theirs),
-                }
+                key = f"{scheme}-llmcompressor-{method}"
+                if not (cache and (row := cache.get(key))):
+                    with Timer() as timer:
+                        theirs = llmcompressor_quantize(args.model, scheme, bench.calib, method)
+                    bits = Allocation.uniform(inv, scheme).avg_bits(inv)
+                    row = {
+                        "format": scheme,
+                        "method": f"llmcompressor-{method}",
+                        "avg_bits": bits,
+                        "seconds": timer.seconds,
+                        **bench.compare(theirs),
+                    }
+                    print(row, file=sys.stderr, flush=True)
+                    if cache:
+                        cache.put(key, row)
                 rows.append(row)
-                print(row, file=sys.stderr, flush=True)
                 versus.append(
                     {
                         "format": scheme,
@@ -103,7 +114,7 @@ def main() -> None:
         ("mb", "MB", ".2f"),
         ("ppl", "PPL", ".2f"),
         ("delta_ppl_pct", "ΔPPL %", "+.2f"),
-        ("delta_nll_se", "± (NLL SE)", ".4f"),
+        ("delta_nll_se", "± (NLL SE)", ".5f"),
         ("seconds", "seconds", ".1f"),
     ]
     table = markdown_table(rows, columns)

@@ -20,6 +20,15 @@ torch.set_num_threads(2)
 VOCAB = 384
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny-model forwards gain nothing from a second, and two contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _configs(vocab: int) -> dict:
     common = dict(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4)
     llama_like = dict(common, hidden_size=64, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64)

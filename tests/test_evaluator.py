@@ -14,13 +14,7 @@ from automp.search.evaluator import AllocationEvaluator
 FORMATS = ["w3g128", "w4g128", "w8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # forwards of a tiny model gain nothing from a second thread, and on a shared machine two contend badly
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

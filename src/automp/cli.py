@@ -26,6 +26,18 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto, float32, fl
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Windows per forward pass.")]
 RemoteOpt = Annotated[bool | None, typer.Option("--trust-remote-code", help="Run the model repo's own code.")]
+CalibOpt = Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")]
+NsamplesOpt = Annotated[int | None, typer.Option(help="Calibration windows.")]
+DampOpt = Annotated[float | None, typer.Option(help="GPTQ relative damping.")]
+ActOrderOpt = Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")]
+SolverOpt = Annotated[str | None, typer.Option(help="knapsack (exact), greedy, quantile, or a learned one.")]
+ProxyOpt = Annotated[str | None, typer.Option(help="Predicted loss: hessian, fisher, grad, weight or kl.")]
+PinOpt = Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")]
+TieOpt = Annotated[bool | None, typer.Option("--tie-fused", help="q/k/v and gate/up share a format.")]
+EpisodesOpt = Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")]
+TargetBitsOpt = Annotated[
+    float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
+]
 
 
 def _command(func):
@@ -72,12 +84,12 @@ def quantize(
     scheme: Annotated[str | None, typer.Option(help="Format for every layer, e.g. w4g128, w3g128a, nf4g64.")] = None,
     method: Annotated[str | None, typer.Option(help="rtn, gptq or awq.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
-    calib: Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")] = None,
-    nsamples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    calib: CalibOpt = None,
+    nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     eval: Annotated[str | None, typer.Option("--eval", help="Evaluation text for perplexity.")] = None,
-    damp: Annotated[float | None, typer.Option(help="GPTQ relative damping.")] = None,
-    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")] = None,
+    damp: DampOpt = None,
+    act_order: ActOrderOpt = None,
     lm_head: Annotated[bool | None, typer.Option("--lm-head", help="Quantize lm_head too.")] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -144,15 +156,15 @@ def profile(
     model: ModelOpt = None,
     formats: Annotated[str | None, typer.Option(help="Formats to measure, e.g. w2g64,w3g128,w4g128,w8,fp16.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory for sensitivity.json.")] = None,
-    calib: Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")] = None,
-    nsamples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    calib: CalibOpt = None,
+    nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the calibration windows.")] = None,
     kl: Annotated[bool | None, typer.Option("--kl", help="Also measure KL per layer x format (slow).")] = None,
     kl_windows: Annotated[int | None, typer.Option("--kl-windows", help="Windows for the KL measurement.")] = None,
     kl_text: Annotated[str | None, typer.Option("--kl-text", help="Text for KL windows (default: --calib).")] = None,
-    damp: Annotated[float | None, typer.Option(help="GPTQ relative damping.")] = None,
-    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")] = None,
+    damp: DampOpt = None,
+    act_order: ActOrderOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -174,15 +186,13 @@ def profile(
 @_command
 def search(
     profile: Annotated[Path | None, typer.Option(help="Sensitivity table directory from `automp profile`.")] = None,
-    target_bits: Annotated[
-        float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
-    ] = None,
+    target_bits: TargetBitsOpt = None,
     frontier: Annotated[str | None, typer.Option(help="lo:hi:step: print predicted loss vs bits instead.")] = None,
-    solver: Annotated[str | None, typer.Option(help="knapsack (exact), greedy, quantile, or a learned one.")] = None,
-    proxy: Annotated[str | None, typer.Option(help="Predicted loss: hessian, fisher, grad, weight or kl.")] = None,
+    solver: SolverOpt = None,
+    proxy: ProxyOpt = None,
     formats: Annotated[str | None, typer.Option(help="Allowed formats, e.g. w2g64,w3g128,w4g128,w8.")] = None,
-    pin: Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")] = None,
-    tie_fused: Annotated[bool | None, typer.Option("--tie-fused", help="q/k/v and gate/up share a format.")] = None,
+    pin: PinOpt = None,
+    tie_fused: TieOpt = None,
     max_loss: Annotated[float | None, typer.Option("--max-loss", help="greedy: a predicted-loss budget too.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of randomized solvers.")] = None,
     out: Annotated[Path | None, typer.Option(help="Allocation JSON to write.")] = None,
@@ -197,7 +207,7 @@ def search(
     verify: Annotated[int | None, typer.Option("--verify", help="Evaluate the top K candidates for real.")] = None,
     refine: Annotated[bool | None, typer.Option("--refine", help="Local search on the real loss.")] = None,
     max_evals: Annotated[int | None, typer.Option("--max-evals", help="Evaluations for --refine / anneal.")] = None,
-    episodes: Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")] = None,
+    episodes: EpisodesOpt = None,
     state: Annotated[Path | None, typer.Option(help="reinforce / ppo: training state file (resumes).")] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -229,26 +239,24 @@ def search(
 @_command
 def run_(
     model: ModelOpt = None,
-    target_bits: Annotated[
-        float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
-    ] = None,
+    target_bits: TargetBitsOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output directory: checkpoint, table, allocation, metrics.")] = None,
-    solver: Annotated[str | None, typer.Option(help="knapsack (exact), greedy, quantile, or a learned one.")] = None,
-    proxy: Annotated[str | None, typer.Option(help="Predicted loss: hessian, fisher, grad, weight or kl.")] = None,
+    solver: SolverOpt = None,
+    proxy: ProxyOpt = None,
     formats: Annotated[str | None, typer.Option(help="Formats to profile and choose from.")] = None,
-    pin: Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")] = None,
-    tie_fused: Annotated[bool | None, typer.Option("--tie-fused", help="q/k/v and gate/up share a format.")] = None,
+    pin: PinOpt = None,
+    tie_fused: TieOpt = None,
     method: Annotated[str | None, typer.Option(help="Final quantizer: gptq (default) or rtn.")] = None,
-    calib: Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")] = None,
-    nsamples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    calib: CalibOpt = None,
+    nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the calibration windows and the solver.")] = None,
     eval: Annotated[str | None, typer.Option("--eval", help="Evaluation text for perplexity.")] = None,
     eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Measuring solvers' windows.")] = None,
-    episodes: Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")] = None,
+    episodes: EpisodesOpt = None,
     kl: Annotated[bool | None, typer.Option("--kl", help="Also profile KL (for --proxy kl; slow).")] = None,
-    damp: Annotated[float | None, typer.Option(help="GPTQ relative damping.")] = None,
-    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")] = None,
+    damp: DampOpt = None,
+    act_order: ActOrderOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,

@@ -163,16 +163,9 @@ def _prefix(tokenizer) -> list[int]:
 
 def accuracy(items: list[Item], loglik: list[float]) -> dict:
     """acc, acc_norm (per continuation character), their binomial standard errors, count and chance."""
-    correct = correct_norm = 0
-    position = 0
-    for item in items:
-        ll = loglik[position : position + len(item.requests)]
-        position += len(item.requests)
-        norm = [value / max(len(cont), 1) for value, (_, cont) in zip(ll, item.requests, strict=True)]
-        correct += _argmax(ll) == item.gold
-        correct_norm += _argmax(norm) == item.gold
+    correct, correct_norm = correct_per_item(items, loglik)
     n = len(items)
-    acc, acc_norm = correct / n, correct_norm / n
+    acc, acc_norm = sum(correct) / n, sum(correct_norm) / n
     return {
         "acc": acc,
         "acc_norm": acc_norm,
@@ -181,6 +174,19 @@ def accuracy(items: list[Item], loglik: list[float]) -> dict:
         "count": n,
         "chance": sum(1 / len(item.requests) for item in items) / n,
     }
+
+
+def correct_per_item(items: list[Item], loglik: list[float]) -> tuple[list[bool], list[bool]]:
+    """Whether each item's highest-scoring choice is gold: by summed log-likelihood, and per character."""
+    correct, correct_norm = [], []
+    position = 0
+    for item in items:
+        ll = loglik[position : position + len(item.requests)]
+        position += len(item.requests)
+        norm = [value / max(len(cont), 1) for value, (_, cont) in zip(ll, item.requests, strict=True)]
+        correct.append(_argmax(ll) == item.gold)
+        correct_norm.append(_argmax(norm) == item.gold)
+    return correct, correct_norm
 
 
 def _argmax(values: list[float]) -> int:

@@ -195,11 +195,12 @@ class PPOSolver:
     def _model(self, env: AllocationEnv, seed: int):
         try:
             from stable_baselines3 import PPO
+            from stable_baselines3.common.logger import Logger
         except ImportError as err:
             raise AutompError("the ppo solver needs stable-baselines3: pip install 'automp[rl]'") from err
 
         n_steps = self.episodes_per_update * env.space.n_groups
-        return PPO(
+        model = PPO(
             "MlpPolicy",
             env,
             learning_rate=self.lr,
@@ -214,6 +215,8 @@ class PPOSolver:
             device="cpu",
             verbose=0,
         )
+        model.set_logger(Logger(folder=None, output_formats=[]))  # sb3's default makes a /tmp folder per run
+        return model
 
     def _resume(self, model, env: AllocationEnv, key: str) -> int:
         """Load the saved state into ``model`` and ``env``; the number of updates already done."""

@@ -1,0 +1,224 @@
+"""Mixed precision on a benchmark model: uniform GPTQ against every solver at the same real bits.
+
+    python bench/allocation.py --model ../shared/models/bench-a --data ../shared/data --work /tmp/alloc
+
+One sensitivity profile (cached in ``--work``) serves every target and solver. Targets are the bits
+of uniform formats, so each solver has a uniform baseline at exactly its budget:
+w2g32 = 2.5, w3g128 = 3.125, w3g32 = 3.5 and w4g128 = 4.125 bits per weight (fp16 scales counted).
+
+* ``knapsack (<proxy>)``: the exact knapsack under each proxy. The *selected* proxy at each target
+  is the one whose allocation has the lowest perplexity on a held-out slice of an unseen Wikipedia
+  shard. It is chosen there, never on the WikiText-2 test text. Only its allocation is evaluated
+  in full, unless ``--all-proxies``.
+* ``greedy`` and ``quantile`` use the selected proxy. ``anneal`` starts from its knapsack allocation
+  and spends ``--anneal-evals`` real evaluations on the held-out slice.
+* ``reinforce`` and ``ppo`` (``--episodes``, 300 as in the prototype) at w4g128's bits with the
+  prototype's bit options (3, 4, 8: w3g128, w4g128, w8), next to the knapsack restricted to the
+  same options.
+
+Every allocation is then quantized for real with GPTQ (block by block, as ``automp run`` does) and
+evaluated on the full WikiText-2 test text, and on ``--indomain-windows`` windows of a second unseen
+Wikipedia shard (in-domain text: bench-a's WikiText-2 format differs from the raw Wikipedia it was
+trained on). ``±`` is the paired standard error of the per-window NLL difference against uniform
+GPTQ at the same bits. "evals" counts the solver's real evaluations
+on the held-out slice. Finished rows are cached in ``--work``, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from automp.allocation import Allocation  # noqa: E402
+from automp.data import load_windows  # noqa: E402
+from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
+from automp.formats import parse_formats  # noqa: E402
+from automp.model import inventory  # noqa: E402
+from automp.quantize import quantize_  # noqa: E402
+from automp.search.evaluator import AllocationEvaluator  # noqa: E402
+from automp.search.problem import Problem  # noqa: E402
+from automp.search.registry import get_solver  # noqa: E402
+from automp.sensitivity.profile import profile_model  # noqa: E402
+from automp.sensitivity.table import PROXIES, CalibInfo  # noqa: E402
+from common import CALIB, Bench, RowCache, Timer, markdown_table, report  # noqa: E402
+
+FORMATS = "w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w8,fp16"
+TARGETS = {2.5: "w2g32", 3.125: "w3g128", 3.5: "w3g32", 4.125: "w4g128"}
+HELD_OUT = "corpus/wikipedia/enwiki2015_AD_wiki_93.txt"  # a shard bench-a never saw in training
+IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # another unseen one: in-domain test text
+KL_WINDOWS = 8  # the first held-out windows measure the profile's KL proxy, the next ones the solvers
+RL_TARGET, RL_FORMATS = 4.125, ["w3g128", "w4g128", "w8"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--work", required=True, help="cache: the profile and every finished row")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--heldout-windows", type=int, default=16)
+    parser.add_argument("--indomain-windows", type=int, default=128)
+    parser.add_argument("--anneal-evals", type=int, default=40)
+    parser.add_argument("--episodes", type=int, default=300)
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    parser.add_argument("--all-proxies", action="store_true", help="also evaluate every proxy's knapsack in full")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    work = Path(args.work)
+    cache = RowCache(work)
+
+    bench = Bench.load(args.model, args.data, args.nsamples)
+    inv = inventory(bench.model)
+    seqlen = bench.eval_windows.shape[1]
+    heldout = load_windows(str(Path(args.data) / HELD_OUT), bench.tokenizer, seqlen)
+    heldout = heldout[: KL_WINDOWS + args.heldout_windows]
+    indomain = load_windows(str(Path(args.data) / IN_DOMAIN), bench.tokenizer, seqlen)[: args.indomain_windows]
+    indomain_fp = perplexity(bench.model, indomain, progress=False)
+    with Timer() as profile_timer:
+        table = profile_model(
+            bench.model, parse_formats(FORMATS), bench.calib, model_name=args.model,
+            calib_info=CalibInfo(spec=CALIB, nsamples=args.nsamples, seqlen=seqlen, seed=0),
+            kl_windows=heldout[:KL_WINDOWS], work_dir=work / "profile", progress=False,
+        )  # fmt: skip
+    timings = cache.get("timings") or cache.put("timings", {"profile_seconds": profile_timer.seconds})
+    with Timer() as evaluator_timer:
+        evaluator = AllocationEvaluator(
+            bench.model, heldout[KL_WINDOWS:], table.formats, calib=bench.calib, method="gptq"
+        )
+    timings.setdefault("evaluator_seconds", evaluator_timer.seconds)
+    cache.put("timings", timings)
+
+    def evaluate(key: str, allocation: Allocation | None, extra: dict, full: bool = True) -> dict:
+        """Perplexity on the held-out slice (the evaluator's cached weights); with ``full``, also
+        GPTQ-quantize the allocation block by block and evaluate on the WikiText-2 test text."""
+        path = work / "allocations" / f"{key.replace('/', '_')}.json"  # bench/deploy.py reads these too
+        if (row := cache.get(key)) is None:
+            path.parent.mkdir(exist_ok=True)
+            allocation.save(path)
+            row = {"key": key, **extra, "avg_bits": allocation.avg_bits(inv), "heldout_ppl": evaluator(allocation)}
+            evaluator.restore()
+            cache.put(key, row)
+        if full and not {"ppl", "indomain_ppl"} <= set(row):
+            model = bench.reset()
+            quantize_(model, Allocation.load(path), "gptq", bench.calib, progress=False)
+            if "ppl" not in row:
+                result = perplexity(model, bench.eval_windows, progress=False)
+                row |= {"ppl": result.ppl, "delta_ppl_pct": 100 * (result.ppl / bench.baseline.ppl - 1)}
+                row["nll"] = result.window_nll
+            result = perplexity(model, indomain, progress=False)
+            row |= {"indomain_ppl": result.ppl, "indomain_delta_pct": 100 * (result.ppl / indomain_fp.ppl - 1)}
+            row["indomain_nll"] = result.window_nll
+            bench.reset()
+            print({k: v for k, v in row.items() if k not in ("nll", "indomain_nll", "curve")}, file=sys.stderr)
+            cache.put(key, row)
+        return row
+
+    def solve(solver: str, problem: Problem, **options) -> tuple[Allocation, dict]:
+        evaluator.evaluations = 0
+        solution = get_solver(solver, **options).solve(problem, seed=0, evaluator=evaluator)
+        info = {"solver": solver, "proxy": problem.proxy, "seconds": solution.seconds}
+        info["evaluations"] = solution.evaluations or evaluator.evaluations
+        if solution.curve:
+            info["curve"] = solution.curve
+        return solution.allocation, info
+
+    rows, proxy_rows, selected_proxy = [], [], {}
+    for target in [float(t) for t in args.targets.split(",")]:
+        scheme = TARGETS[target]
+        uniform = evaluate(f"{target}/uniform", Allocation.uniform(inv, scheme), {"solver": f"uniform {scheme}"})
+        by_proxy = {}
+        for proxy in PROXIES:  # held-out slice only: it picks the proxy
+            key = f"{target}/knapsack-{proxy}"
+            if cache.get(key) is None:
+                evaluate(key, *solve("knapsack", Problem(table, proxy=proxy, target_bits=target)), full=False)
+            by_proxy[proxy] = cache.get(key)
+        selected = selected_proxy[target] = min(by_proxy, key=lambda proxy: by_proxy[proxy]["heldout_ppl"])
+        proxy_rows.append({"target_bits": target, **{p: row["heldout_ppl"] for p, row in by_proxy.items()}})
+        proxy_rows[-1]["uniform"] = uniform["heldout_ppl"]
+        shown = PROXIES if args.all_proxies else [selected]
+        group = [uniform, *(evaluate(f"{target}/knapsack-{proxy}", None, {}) for proxy in shown)]
+        problem = Problem(table, proxy=selected, target_bits=target)
+        for solver, options in [("greedy", {}), ("quantile", {}), ("anneal", {"max_evals": args.anneal_evals})]:
+            key = f"{target}/{solver}"
+            group.append(evaluate(key, *(solve(solver, problem, **options) if cache.get(key) is None else (None, {}))))
+        for row in group:
+            row["target_bits"] = target
+        rows += _versus(group, uniform)
+
+    if RL_TARGET in selected_proxy:
+        problem = Problem(table, proxy=selected_proxy[RL_TARGET], target_bits=RL_TARGET, allowed=RL_FORMATS)
+        uniform = cache.get(f"{RL_TARGET}/uniform")
+        group = [uniform]
+        for solver, options in [
+            ("knapsack", {}),
+            ("reinforce", {"episodes": args.episodes, "formats": RL_FORMATS}),
+            ("ppo", {"episodes": args.episodes, "formats": RL_FORMATS}),
+        ]:
+            key = f"rl/{solver}"
+            allocation, info = solve(solver, problem, **options) if cache.get(key) is None else (None, {})
+            group.append(evaluate(key, allocation, info | {"proxy": "3/4/8 bits"}))
+        for row in group:
+            row["target_bits"] = RL_TARGET
+        rows += _versus(group, uniform)[1:]
+
+    columns = [
+        ("target_bits", "target", ".3f"),
+        ("label", "allocation", ""),
+        ("avg_bits", "avg bits", ".3f"),
+        ("heldout_ppl", "held-out PPL", ".2f"),
+        ("ppl", "PPL", ".2f"),
+        ("delta_ppl_pct", "ΔPPL % vs FP16", "+.3f"),
+        ("delta_ratio", "ΔPPL / uniform ΔPPL", ".2f"),
+        ("vs_uniform_nll", "ΔNLL vs uniform", "+.5f"),
+        ("vs_uniform_se", "±", ".5f"),
+        ("indomain_delta_pct", "in-domain ΔPPL %", "+.3f"),
+        ("indomain_vs_uniform_nll", "in-domain ΔNLL vs uniform", "+.5f"),
+        ("indomain_vs_uniform_se", "±", ".5f"),
+        ("seconds", "search s", ".2f"),
+        ("evaluations", "evals", "d"),
+    ]
+    payload = {
+        "model": args.model,
+        "fp16_ppl": bench.baseline.ppl,
+        "eval_windows": bench.baseline.windows,
+        "heldout": {"text": HELD_OUT, "windows": args.heldout_windows, "kl_windows": KL_WINDOWS},
+        "formats": FORMATS,
+        **timings,
+        "indomain": {"text": IN_DOMAIN, "windows": len(indomain), "fp16_ppl": indomain_fp.ppl},
+        "rows": [{k: v for k, v in row.items() if k not in ("nll", "indomain_nll", "curve")} for row in rows],
+        "curves": {row["key"]: row["curve"] for row in rows if "curve" in row},
+        "heldout_ppl_by_proxy": proxy_rows,
+    }
+    table_md = markdown_table(rows, columns)
+    proxy_columns = [("target_bits", "target", ".3f"), ("uniform", "uniform", ".3f")]
+    table_md += "\n\nHeld-out PPL of the knapsack allocation under each proxy (the lowest is selected):\n\n"
+    table_md += markdown_table(proxy_rows, proxy_columns + [(p, f"knapsack ({p})", ".3f") for p in PROXIES])
+    table_md += f"\n\nFP16 PPL {bench.baseline.ppl:.2f}; profile {timings['profile_seconds']:.0f} s "
+    table_md += f"(once, all targets); held-out evaluator set-up {timings['evaluator_seconds']:.0f} s."
+    report("mixed-precision allocation", payload, table_md, args.out)
+
+
+def _versus(group: list[dict], uniform: dict) -> list[dict]:
+    """Each row's paired difference to uniform GPTQ at the same bits."""
+    for row in group:
+        row["vs_uniform_nll"], row["vs_uniform_se"] = paired_delta(_nll(uniform), _nll(row))
+        if "indomain_nll" in row and "indomain_nll" in uniform:
+            delta, se = paired_delta(_nll(uniform, "indomain_nll"), _nll(row, "indomain_nll"))
+            row["indomain_vs_uniform_nll"], row["indomain_vs_uniform_se"] = delta, se
+        row["delta_ratio"] = row["delta_ppl_pct"] / uniform["delta_ppl_pct"] if uniform["delta_ppl_pct"] else math.nan
+        row["label"] = row["solver"] + (f" ({row['proxy']})" if row.get("proxy") else "")
+    return group
+
+
+def _nll(row: dict, key: str = "nll") -> Perplexity:
+    return Perplexity(math.exp(float(np.mean(row[key]))), len(row[key]), 0, 0, row[key])
+
+
+if __name__ == "__main__":
+    main()
