@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from automp.cli import app
+from automp.report import seed_ppls
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -57,6 +58,18 @@ def test_report_draws_every_section_or_says_why_not(run_dir):
         data = (out / "report" / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     assert report["sections"]["curves"] == "missing" and "No learning curve" in page  # knapsack learns nothing
+
+
+def test_seeds_box_plot_reproduces_the_run_at_its_own_seed(run_dir):
+    out, metrics = run_dir
+    ppls = seed_ppls(out, 2, progress=False)
+    # seed 0 is the run's own seed: the same allocation, calibration windows and GPTQ, so the same PPL
+    assert len(ppls) == 2 and ppls[0] == pytest.approx(metrics["ppl"], rel=1e-9)
+    assert ppls[1] != ppls[0]  # seed 1 draws other calibration windows
+    result, report = _run("report", out, "--seeds", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert report["sections"]["seeds"] == "drawn"
+    assert (out / "report" / "seeds.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_infeasible_target_gives_one_error_and_no_output(trained_dir, tmp_path):
