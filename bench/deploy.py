@@ -79,7 +79,7 @@ def main() -> None:
     ids = bench.eval_windows[: args.logit_windows]
     fp_correct, fp_speed = task_scores(bench.model, bench.tokenizer, tasks)
     rows = [{"case": "fp16", "avg_bits": 16.0, "tokens_per_s": fp_speed}]
-    rows[0] |= {f"{name}": sum(c) / len(c) for name, c in fp_correct.items()}
+    rows[0] |= {name: sum(c) / len(c) for name, c in fp_correct.items()}
     cases = {"w4g128": Allocation.uniform(inv, "w4g128"), "w3g128": Allocation.uniform(inv, "w3g128")}
     if args.allocation:
         cases["mixed"] = Allocation.load(Path(args.allocation))

@@ -24,7 +24,7 @@ from torch import nn
 
 from automp.formats import Format
 from automp.model import linear_weight, role_of, set_linear_weight
-from automp.quantizers.awq_clip import clip_weight, sample_inputs
+from automp.quantizers.awq_clip import clip_weight, run_with_hooks, sample_inputs
 from automp.quantizers.rtn import rtn_quantize
 
 GRID = 20  # alpha = 0, 1/20, ..., 19/20 (the reference implementation's grid; alpha = 0 is plain RTN)
@@ -132,12 +132,7 @@ def _capture(block: nn.Module, inputs: list, groups: list[ScaleGroup]) -> list[t
 
     handles = [g.inspect.register_forward_pre_hook(record(i), with_kwargs=True) for i, g in enumerate(groups)]
     handles += [g.linears[0].register_forward_pre_hook(stats(i)) for i, g in enumerate(groups)]
-    try:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(block, inputs, handles)
     return [(calls[i], abs_sum[i] / max(count[i], 1)) for i in range(len(groups))]
 
 

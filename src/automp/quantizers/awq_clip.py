@@ -51,11 +51,15 @@ def sample_inputs(block: nn.Module, inputs: list, layers: list[nn.Module]) -> di
         stride = max(1, len(x) * len(inputs) // TOKENS)  # every batch holds about as many rows
         rows[module].append(x[::stride].float())
 
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    run_with_hooks(block, inputs, [layer.register_forward_pre_hook(hook) for layer in layers])
+    return {layer: torch.cat(chunks) for layer, chunks in rows.items()}
+
+
+def run_with_hooks(block: nn.Module, inputs: list, handles: list) -> None:
+    """Run ``block`` on every captured (args, kwargs) input, then remove the hooks behind ``handles``."""
     try:
         for args, kwargs in inputs:
             block(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: torch.cat(chunks) for layer, chunks in rows.items()}

@@ -22,7 +22,7 @@ import numpy as np
 from automp.errors import AutompError
 from automp.search.knapsack import Knapsack
 from automp.search.problem import Evaluator, Problem, Solution
-from automp.search.space import DecisionSpace
+from automp.search.space import DecisionSpace, format_option
 
 MAX_DRAWS = 1000  # proposals drawn per evaluation before the search gives up (no feasible move left)
 
@@ -40,7 +40,7 @@ class Anneal:
         if max_evals < 1 or not 0 < t_end <= t_start:
             raise AutompError("anneal needs max_evals >= 1 and 0 < t_end <= t_start")
         self.max_evals, self.t_start, self.t_end = max_evals, t_start, t_end
-        self.formats = formats.split(",") if isinstance(formats, str) else formats
+        self.formats = format_option(formats)
 
     def solve(self, problem: Problem, *, seed: int = 0, evaluator: Evaluator | None = None) -> Solution:
         if evaluator is None:

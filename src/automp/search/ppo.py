@@ -51,7 +51,7 @@ try:
 except ImportError as err:  # an optional extra: say how to get it instead of a traceback
     raise AutompError("the ppo solver needs stable-baselines3 and gymnasium: pip install 'automp[rl]'") from err
 from automp.search.problem import Evaluator, Problem, Solution
-from automp.search.space import FULL_BITS, DecisionSpace, bit_options
+from automp.search.space import FULL_BITS, DecisionSpace, bit_options, format_option
 from automp.search.state import fingerprint, load_state, save_state
 
 DEFAULT_ATTENTION_WEIGHT = 0.5
@@ -161,7 +161,7 @@ class PPOSolver:
         if episodes < 1 or episodes_per_update < 1 or checkpoint_every < 1:
             raise AutompError("episodes, episodes_per_update and checkpoint_every must be at least 1")
         self.episodes, self.episodes_per_update = episodes, episodes_per_update
-        self.formats = formats.split(",") if isinstance(formats, str) else formats
+        self.formats = format_option(formats)
         self.weights = {"ppl": w_ppl, "memory": w_memory, "kl": w_kl, "attention": w_attention}
         self.penalty, self.lr, self.n_epochs, self.ent_coef, self.hidden = penalty, lr, n_epochs, ent_coef, hidden
         self.state = Path(state) if state is not None else None

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from automp.errors import AutompError
 from automp.search.problem import Evaluator, Problem, Solution
-from automp.search.space import DecisionSpace, bit_options
+from automp.search.space import DecisionSpace, bit_options, format_option
 from automp.search.state import fingerprint, load_state, save_state
 
 
@@ -66,7 +66,7 @@ class Reinforce:
         if episodes < 1 or checkpoint_every < 1 or baseline_window < 2:
             raise AutompError("episodes and checkpoint_every must be at least 1, baseline_window at least 2")
         self.episodes = episodes
-        self.formats = formats.split(",") if isinstance(formats, str) else formats
+        self.formats = format_option(formats)
         self.alpha, self.beta, self.penalty = alpha, beta, penalty
         self.lr, self.hidden, self.entropy, self.baseline_window = lr, hidden, entropy, baseline_window
         self.state = Path(state) if state is not None else None

@@ -203,6 +203,11 @@ class DecisionSpace:
         return actions
 
 
+def format_option(formats: list[str] | str | None) -> list[str] | None:
+    """A solver's ``formats`` option as a list: comma-separated text (CLI, YAML) or a list; None = default."""
+    return formats.split(",") if isinstance(formats, str) else formats
+
+
 def bit_options(problem: Problem, widths: Sequence[int] = (3, 4, 8)) -> list[str]:
     """The RL prototypes' choices: one allowed format per bit width in ``widths``.
 
