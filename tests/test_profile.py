@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import scipy.stats
 import torch
@@ -82,6 +83,43 @@ def test_output_err_is_the_gptq_objective_on_calibration_inputs(setup):
         assert table.costs[DOWN][fmt.name].weight_mse == pytest.approx((error**2).sum().item())
 
 
+def _output_grads(model, name: str, calib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window: the layer's inputs (T, in) and dL_i/dY (T, out) of the window-mean loss, float64."""
+    module, xs, gs = model.get_submodule(name), [], []
+
+    def hook(_m, inp, out):
+        xs.append(inp[0].detach()[0])
+        out.register_hook(lambda g: gs.append(g.detach()[0]))
+
+    handle = module.register_forward_hook(hook)
+    for window in calib:
+        ids = window.unsqueeze(0)
+        logits = model(input_ids=ids, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    return torch.stack(xs).double(), torch.stack(gs).double()
+
+
+def test_output_grad_is_modelopt_score_from_per_token_output_gradients(setup):
+    """G_o = T * mean_i sum_t g_ito^2 must match the prepass exactly; the profiled score, which assumes
+    g^2 independent of the input, must track the exact 1/2 T mean_i sum_t,o g^2 (x_t . dW_o)^2."""
+    model, calib, *_, table, prepass = setup
+    tokens = calib.shape[1] - 1
+    exact, profiled = [], []
+    for layer in table.layers:
+        x, g = _output_grads(model, layer.name, calib)  # (windows, T, in), (windows, T, out)
+        fisher = tokens * (g**2).sum(1).mean(0)
+        assert torch.allclose(prepass[f"{layer.name}:output_fisher"].double(), fisher, rtol=1e-4, atol=1e-12)
+        weight = linear_weight(model.get_submodule(layer.name)).detach()
+        error = gptq_quantize(weight, prepass[f"{layer.name}:hessians"], parse_formats("w2g64")[0]).dequantize()
+        dy = x @ (error - weight).double().T  # (windows, T, out): Y_q - Y
+        exact.append(0.5 * tokens * ((g * dy) ** 2).sum((1, 2)).mean().item())
+        profiled.append(table.costs[layer.name]["w2g64"].output_grad)
+    assert scipy.stats.spearmanr(profiled, exact)[0] > 0.9
+    assert all(0.5 < p / e < 2 for p, e in zip(profiled, exact, strict=True)), (profiled, exact)
+
+
 def test_activation_and_weight_stats_match_direct_computation(setup):
     model, calib, *_, table, _ = setup
     stats = next(layer for layer in table.layers if layer.name == DOWN)
@@ -97,10 +135,10 @@ def test_activation_and_weight_stats_match_direct_computation(setup):
 
 def test_proxies_are_zero_unquantized_and_grow_as_bits_fall(setup):
     *_, table, _ = setup
-    for proxy in ("weight", "hessian", "fisher", "grad", "kl"):
+    for proxy in ("weight", "hessian", "fisher", "outgrad", "grad", "kl"):
         matrix = table.proxy_matrix(proxy)  # columns: w2g64, w3g128, w4g128, w8, fp16
         assert (matrix[:, 4] == 0).all() and (matrix[:, :3] > 0).all(), proxy
-        if proxy in ("weight", "hessian", "fisher"):  # on every layer, down to 8 bits
+        if proxy in ("weight", "hessian", "fisher", "outgrad"):  # on every layer, down to 8 bits
             assert (matrix[:, :3] > matrix[:, 1:4]).all() and (matrix[:, 3] > 0).all(), proxy
         else:  # the first-order and KL proxies are noisy at 8 bits, but strictly ordered from 2 to 4 bits
             assert (matrix[:, 0] > matrix[:, 1]).all() and (matrix[:, 1] > matrix[:, 2]).all(), proxy
@@ -138,8 +176,12 @@ def test_proxies_predict_the_real_loss_change_of_quantizing_one_layer(setup):
     assert max(abs(p - f) for p, f in zip(predicted_first, first, strict=True)) < 0.1 * max(map(abs, first))
     assert min(curvature) > -1e-5  # the loss is locally convex along every quantization error
     column = table.format_index("w2g64")
-    rho = {p: scipy.stats.spearmanr(table.proxy_matrix(p)[:, column], curvature)[0] for p in ("fisher", "grad", "kl")}
-    assert rho["fisher"] > 0.85 and rho["grad"] > 0.7 and rho["kl"] > 0.85, rho
+    proxies = ("fisher", "outgrad", "grad", "kl")
+    rho = {p: scipy.stats.spearmanr(table.proxy_matrix(p)[:, column], curvature)[0] for p in proxies}
+    assert rho["fisher"] > 0.85 and rho["outgrad"] > 0.85 and rho["grad"] > 0.7 and rho["kl"] > 0.85, rho
+    # outgrad is in loss units: the same order of magnitude as the measured curvature part (others are not)
+    ratio = table.proxy_matrix("outgrad")[:, column] / torch.tensor(curvature).clamp(min=1e-9).numpy()
+    assert 0.25 < float(np.median(ratio)) < 4, sorted(ratio)
     assert list(table.proxy_matrix("grad")[:, column]) == pytest.approx(first_bound)  # sum |g * dW|
 
 

@@ -20,14 +20,21 @@ errors are GPTQ's, applied to this layer alone on its full-precision inputs):
 * ``grad_first_order``: ``sum |grad * dW|``,
 * ``fisher``: ``1/2 sum F * dW**2``. Because F comes from whole-window gradients, its scale is about
   1/seqlen of a per-token Fisher; it ranks layers and formats, but it is not in loss units,
+* ``output_grad`` (NVIDIA ModelOpt AutoQuantize's score, in loss units): ``1/2 sum (dL/dY)^2 (Y - Y_q)^2``
+  over the layer's outputs on calibration tokens, the diagonal-Fisher estimate of the loss increase.
+  The pre-pass keeps, per output channel ``o``, ``G_o = T * mean_i sum_t (dL_i/dy_to)^2`` (``T`` loss
+  tokens per window turns the window-mean loss's gradients into a per-token Fisher). With
+  ``Y - Y_q = X dW^T`` and the output gradient taken independent of the input (the Kronecker-factored
+  approximation that keeps memory at one vector per layer), the score is
+  ``1/2 sum_o G_o * (dW H dW^T)_oo``. It is exact when ``(dL/dy_o)^2`` is the same at every token.
 * ``kl`` (optional): the mean per-token ``KL(full || quantized)`` on separate windows, with only
   this layer quantized.
 
 Unquantized formats (fp16/bf16) cost 0 under every proxy: their rounding error is ignored.
 
 **Memory.** The model, plus for every inventory layer two fp32 weight-sized accumulators (mean
-gradient, Fisher) and one fp32 ``in x in`` Hessian, all on the layer's device. Activation moments
-are scalars. With KL, the reference log-probabilities of the KL windows are held too
+gradient, Fisher), one fp32 ``in x in`` Hessian and one ``out`` vector (``G``), all on the layer's
+device. Activation moments are scalars. With KL, the reference log-probabilities of the KL windows are held too
 (windows x seqlen x vocab fp32).
 
 **Resuming.** With ``work_dir``, the pre-pass is saved to ``prepass.safetensors`` + ``prepass.json``
@@ -72,6 +79,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 PREPASS_TENSORS = "prepass.safetensors"
 PREPASS_JSON = "prepass.json"  # written last: its presence marks a complete pre-pass
+PREPASS_KINDS = ("hessians", "grads", "fisher", "output_fisher")
+PREPASS_VERSION = 2  # 2: output_fisher added; a work directory of another version starts afresh
 LAYERS_DIR = "layers"
 
 
@@ -153,6 +162,7 @@ def _manifest(model_name, inv, formats, calib, calib_info, kl_windows, gptq) -> 
         "calib_sha256": _tokens_digest(calib),
         "kl_sha256": None if kl_windows is None else _tokens_digest(kl_windows),
         "gptq": asdict(gptq),
+        "prepass_version": PREPASS_VERSION,
     }
 
 
@@ -228,6 +238,7 @@ class Prepass:
     hessians: dict[str, torch.Tensor]  # layer -> (in, in) input Hessian X^T X / n
     grads: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of dL_i/dW
     fisher: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of (dL_i/dW)^2
+    output_fisher: dict[str, torch.Tensor]  # layer -> (out,) T * mean over windows of sum_t (dL_i/dy_t)^2
     activations: dict[str, dict[str, float]]  # layer -> Moments.summary() of its input
 
 
@@ -240,16 +251,23 @@ def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bo
     moments = {name: Moments() for name in modules}
     grads = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
     fisher = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
+    output_fisher = {layer.name: torch.zeros(layer.out_features, device=weights[layer.name].device)
+                     for layer in inv.layers}  # fmt: skip
 
-    def record_input(name: str):
-        def hook(_module, inputs, _output):
+    def record(name: str):
+        def add_output_grad(grad: torch.Tensor) -> None:
+            output_fisher[name] += grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+
+        def hook(_module, inputs, output):
             x = inputs[0].detach()
             hessians[name].add(x)
             moments[name].add(x)
+            if output.requires_grad:  # dL/dY passes through here on the way to dL/dW
+                output.register_hook(add_output_grad)
 
         return hook
 
-    hooks = [module.register_forward_hook(record_input(name)) for name, module in modules.items()]
+    hooks = [module.register_forward_hook(record(name)) for name, module in modules.items()]
     # gradients are needed for the layer weights only; every other parameter is frozen meanwhile
     flags = {param: param.requires_grad for param in model.parameters()}
     for param in model.parameters():
@@ -272,11 +290,12 @@ def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bo
             hook.remove()
         for param, flag in flags.items():
             param.requires_grad_(flag)
-    n = len(calib)
+    n, loss_tokens = len(calib), calib.shape[1] - 1
     return Prepass(
         hessians={name: acc.hessian for name, acc in hessians.items()},
         grads={name: _out_in(modules[name], grads[name] / n) for name in modules},
         fisher={name: _out_in(modules[name], fisher[name] / n) for name in modules},
+        output_fisher={name: acc * (loss_tokens / n) for name, acc in output_fisher.items()},
         activations={name: m.summary() for name, m in moments.items()},
     )
 
@@ -288,7 +307,7 @@ def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 
 def _save_prepass(work: Path, prepass: Prepass) -> None:
     tensors = {}
-    for kind in ("hessians", "grads", "fisher"):
+    for kind in PREPASS_KINDS:
         tensors.update({f"{name}:{kind}": t.detach().cpu().contiguous() for name, t in getattr(prepass, kind).items()})
     tmp = work / f".{PREPASS_TENSORS}.tmp"
     save_file(tensors, tmp)
@@ -298,7 +317,7 @@ def _save_prepass(work: Path, prepass: Prepass) -> None:
 
 def _load_prepass(work: Path, device: torch.device) -> Prepass:
     tensors = load_file(work / PREPASS_TENSORS, device=str(device))
-    parts: dict[str, dict[str, torch.Tensor]] = {"hessians": {}, "grads": {}, "fisher": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in PREPASS_KINDS}
     for key, tensor in tensors.items():
         name, kind = key.rsplit(":", 1)
         parts[kind][name] = tensor
@@ -351,12 +370,15 @@ def _measure_layer(
     weight = linear_weight(module).detach().float().clone()  # the KL probe swaps the live weight
     hessian = prepass.hessians[layer.name]
     grad, fisher = prepass.grads[layer.name].double(), prepass.fisher[layer.name].double()
+    output_fisher = prepass.output_fisher[layer.name].double()
     costs = {}
     for fmt in formats:
         bits = fmt.storage_bits(layer.out_features, layer.in_features)
         if not fmt.quantized:
             kl = 0.0 if probe is not None else None
-            zero = FormatCost(bits=bits, weight_mse=0.0, output_err=0.0, grad_first_order=0.0, fisher=0.0, kl=kl)
+            zero = FormatCost(
+                bits=bits, weight_mse=0.0, output_err=0.0, grad_first_order=0.0, fisher=0.0, output_grad=0.0, kl=kl
+            )
             costs[fmt.name] = zero.model_dump()
             continue
         with stage("gptq"):
@@ -367,12 +389,14 @@ def _measure_layer(
         if probe is not None:
             with stage("kl"):
                 kl = probe.with_weight(module, quantized)
+        row_err = ((error @ hessian.double()) * error).sum(dim=1)  # (out,): each output's tr term
         cost = FormatCost(
             bits=bits,
             weight_mse=float(squared.sum()),
-            output_err=float(((error @ hessian.double()) * error).sum()),
+            output_err=float(row_err.sum()),
             grad_first_order=float((grad * error).abs().sum()),
             fisher=0.5 * float((fisher * squared).sum()),
+            output_grad=0.5 * float((output_fisher * row_err).sum()),
             kl=kl,
         )
         costs[fmt.name] = cost.model_dump()

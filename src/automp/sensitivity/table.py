@@ -23,6 +23,7 @@ PROXIES = {
     "hessian": "output_err",  # GPTQ objective tr(dW H dW^T) on calibration inputs
     "grad": "grad_first_order",  # sum |dL/dW * dW|
     "fisher": "fisher",  # 1/2 sum F * dW^2 with the diagonal empirical Fisher F
+    "outgrad": "output_grad",  # 1/2 sum (dL/dY)^2 (dY)^2, ModelOpt AutoQuantize's score, in loss units
     "kl": "kl",  # measured KL(full || only this layer quantized); optional
 }
 
@@ -55,6 +56,7 @@ class FormatCost(BaseModel):
     output_err: float
     grad_first_order: float
     fisher: float
+    output_grad: float | None = None  # None in tables profiled before this proxy existed
     kl: float | None = None
 
 
