@@ -4,7 +4,8 @@
 
 One sensitivity profile (cached in ``--work``) serves every target and solver. Targets are the bits
 of uniform formats, so each solver has a uniform baseline at exactly its budget:
-w2g32 = 2.5, w3g128 = 3.125, w3g32 = 3.5 and w4g128 = 4.125 bits per weight (fp16 scales counted).
+w2g64 = 2.25, w2g32 = 2.5, w3g128 = 3.125, w3g32 = 3.5 and w4g128 = 4.125 bits per weight (fp16
+scales counted). Per-channel w2 (about 2.03 bits) is profiled too, so 2.25 bits has a real choice.
 
 * ``knapsack (<proxy>)``: the exact knapsack under each proxy. The *selected* proxy at each target
   is the one whose allocation has the lowest perplexity on a held-out slice of an unseen Wikipedia
@@ -14,7 +15,14 @@ w2g32 = 2.5, w3g128 = 3.125, w3g32 = 3.5 and w4g128 = 4.125 bits per weight (fp1
   and spends ``--anneal-evals`` real evaluations on the held-out slice.
 * ``reinforce`` and ``ppo`` (``--episodes``, 300 as in the prototype) at w4g128's bits with the
   prototype's bit options (3, 4, 8: w3g128, w4g128, w8), next to the knapsack restricted to the
-  same options.
+  same options (``--no-rl`` skips them).
+* ``delivered``: what ``automp run`` delivers after verification (``automp.delivery``), with the
+  run's defaults: the knapsack under ``--run-proxy`` as the search's own answer, every proxy's
+  knapsack, uniform and the uniform mix, each GPTQ-quantized and measured on 32 windows of the
+  calibration text that no calibration window touches (``automp run``'s default verification text).
+  "changed" marks the targets where verification delivered something else than the search's answer.
+* ``--bootstrap N``: each target's knapsack (``--run-proxy``) re-solved on N resamples of the
+  calibration windows: each layer's format stability and the predicted loss's 95 % interval.
 
 Every allocation is then quantized for real with GPTQ (block by block, as ``automp run`` does) and
 evaluated on the full WikiText-2 test text, and on ``--indomain-windows`` windows of a second unseen
@@ -36,20 +44,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from automp.allocation import Allocation  # noqa: E402
-from automp.data import load_windows  # noqa: E402
+from automp.data import load_heldout_windows, load_windows  # noqa: E402
+from automp.delivery import RealQuality, verify_delivery  # noqa: E402
 from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
 from automp.formats import parse_formats  # noqa: E402
 from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
+from automp.search.bootstrap import bootstrap  # noqa: E402
 from automp.search.evaluator import AllocationEvaluator  # noqa: E402
 from automp.search.problem import Problem  # noqa: E402
 from automp.search.registry import get_solver  # noqa: E402
 from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import PROXIES, CalibInfo  # noqa: E402
+from automp.sensitivity.windows import WindowCosts  # noqa: E402
+from automp.settings import RunSettings  # noqa: E402
 from common import CALIB, Bench, RowCache, Timer, markdown_table, report  # noqa: E402
 
-FORMATS = "w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w8,fp16"
-TARGETS = {2.5: "w2g32", 3.125: "w3g128", 3.5: "w3g32", 4.125: "w4g128"}
+FORMATS = "w2,w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w8,fp16"
+TARGETS = {2.25: "w2g64", 2.5: "w2g32", 3.125: "w3g128", 3.5: "w3g32", 4.125: "w4g128"}
 HELD_OUT = "corpus/wikipedia/enwiki2015_AD_wiki_93.txt"  # a shard bench-a never saw in training
 IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # another unseen one: in-domain test text
 KL_WINDOWS = 8  # the first held-out windows measure the profile's KL proxy, the next ones the solvers
@@ -68,6 +80,11 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--all-proxies", action="store_true", help="also evaluate every proxy's knapsack in full")
+    parser.add_argument("--no-rl", action="store_true", help="skip the reinforce / ppo rows")
+    parser.add_argument("--delivery-only", action="store_true", help="skip the greedy, quantile and anneal rows")
+    parser.add_argument("--run-proxy", default=RunSettings.model_fields["proxy"].default, help="the run's search proxy")
+    parser.add_argument("--verify-windows", type=int, default=RunSettings.model_fields["verify_windows"].default)
+    parser.add_argument("--bootstrap", type=int, default=0, help="resamples for the stability table")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     work = Path(args.work)
@@ -84,9 +101,10 @@ def main() -> None:
         table = profile_model(
             bench.model, parse_formats(FORMATS), bench.calib, model_name=args.model,
             calib_info=CalibInfo(spec=CALIB, nsamples=args.nsamples, seqlen=seqlen, seed=0),
-            kl_windows=heldout[:KL_WINDOWS], work_dir=work / "profile", progress=False,
+            kl_windows=heldout[:KL_WINDOWS], work_dir=work / "profile", progress=False, per_window=True,
         )  # fmt: skip
     timings = cache.get("timings") or cache.put("timings", {"profile_seconds": profile_timer.seconds})
+    windows_costs = WindowCosts.load(work / "profile") if args.bootstrap else None
     with Timer() as evaluator_timer:
         evaluator = AllocationEvaluator(
             bench.model, heldout[KL_WINDOWS:], table.formats, calib=bench.calib, method="gptq"
@@ -128,7 +146,33 @@ def main() -> None:
             info["curve"] = solution.curve
         return solution.allocation, info
 
-    rows, proxy_rows, selected_proxy = [], [], {}
+    verify_windows = load_heldout_windows(
+        str(Path(args.data) / CALIB), bench.tokenizer, seqlen, args.verify_windows, args.nsamples, 0, 2
+    )  # as `automp run` draws them by default: calibration text that no calibration window touches
+
+    def deliver(target: float) -> tuple[Allocation, dict]:
+        """``automp run``'s verified delivery at ``target`` (GPTQ), from the knapsack under ``--run-proxy``."""
+        problem = Problem(table, proxy=args.run_proxy, target_bits=target)
+        searched = get_solver("knapsack").solve(problem)
+        model = bench.reset()
+        measure = RealQuality(model, verify_windows, lambda m, a: quantize_(m, a, "gptq", bench.calib, progress=False))
+
+        def refine_evaluator():
+            return AllocationEvaluator(model, verify_windows, table.formats, calib=bench.calib, method="gptq")
+
+        with Timer() as timer:
+            record = verify_delivery(
+                problem, searched, measure, text=CALIB, method="gptq", refine_evaluator=refine_evaluator,
+                progress=False,
+            )  # fmt: skip
+        bench.reset()
+        info = {"solver": "delivered", "proxy": record.delivered, "seconds": timer.seconds}
+        info |= {"evaluations": len(record.candidates) + (record.refine or {}).get("evaluations", 0)}
+        info["changed"] = record.delivered != record.candidates[0].label
+        info["verification"] = record.summary()
+        return record.allocation, info
+
+    rows, proxy_rows, selected_proxy, stability_rows = [], [], {}, []
     for target in [float(t) for t in args.targets.split(",")]:
         scheme = TARGETS[target]
         uniform = evaluate(f"{target}/uniform", Allocation.uniform(inv, scheme), {"solver": f"uniform {scheme}"})
@@ -141,17 +185,27 @@ def main() -> None:
         selected = selected_proxy[target] = min(by_proxy, key=lambda proxy: by_proxy[proxy]["heldout_ppl"])
         proxy_rows.append({"target_bits": target, **{p: row["heldout_ppl"] for p, row in by_proxy.items()}})
         proxy_rows[-1]["uniform"] = uniform["heldout_ppl"]
-        shown = PROXIES if args.all_proxies else [selected]
+        shown = PROXIES if args.all_proxies else dict.fromkeys([selected, args.run_proxy])
         group = [uniform, *(evaluate(f"{target}/knapsack-{proxy}", None, {}) for proxy in shown)]
         problem = Problem(table, proxy=selected, target_bits=target)
-        for solver, options in [("greedy", {}), ("quantile", {}), ("anneal", {"max_evals": args.anneal_evals})]:
+        others = (
+            []
+            if args.delivery_only
+            else [("greedy", {}), ("quantile", {}), ("anneal", {"max_evals": args.anneal_evals})]
+        )
+        for solver, options in others:
             key = f"{target}/{solver}"
             group.append(evaluate(key, *(solve(solver, problem, **options) if cache.get(key) is None else (None, {}))))
+        key = f"{target}/delivered-{args.run_proxy}"
+        group.append(evaluate(key, *(deliver(target) if cache.get(key) is None else (None, {}))))
+        if args.bootstrap:
+            found = bootstrap(Problem(table, proxy=args.run_proxy, target_bits=target), windows_costs, args.bootstrap)
+            stability_rows.append({"target_bits": target, **found.summary()})
         for row in group:
             row["target_bits"] = target
         rows += _versus(group, uniform)
 
-    if RL_TARGET in selected_proxy:
+    if RL_TARGET in selected_proxy and not args.no_rl:
         problem = Problem(table, proxy=selected_proxy[RL_TARGET], target_bits=RL_TARGET, allowed=RL_FORMATS)
         uniform = cache.get(f"{RL_TARGET}/uniform")
         group = [uniform]
@@ -180,6 +234,7 @@ def main() -> None:
         ("indomain_delta_pct", "in-domain ΔPPL %", "+.3f"),
         ("indomain_vs_uniform_nll", "in-domain ΔNLL vs uniform", "+.5f"),
         ("indomain_vs_uniform_se", "±", ".5f"),
+        ("changed", "verification changed it", ""),
         ("seconds", "search s", ".2f"),
         ("evaluations", "evals", "d"),
     ]
@@ -194,11 +249,25 @@ def main() -> None:
         "rows": [{k: v for k, v in row.items() if k not in ("nll", "indomain_nll", "curve")} for row in rows],
         "curves": {row["key"]: row["curve"] for row in rows if "curve" in row},
         "heldout_ppl_by_proxy": proxy_rows,
+        "verification": {row["key"]: row["verification"] for row in rows if "verification" in row},
+        "bootstrap": stability_rows,
     }
     table_md = markdown_table(rows, columns)
     proxy_columns = [("target_bits", "target", ".3f"), ("uniform", "uniform", ".3f")]
     table_md += "\n\nHeld-out PPL of the knapsack allocation under each proxy (the lowest is selected):\n\n"
     table_md += markdown_table(proxy_rows, proxy_columns + [(p, f"knapsack ({p})", ".3f") for p in PROXIES])
+    if stability_rows:
+        table_md += (
+            f"\n\nBootstrap ({args.bootstrap} calibration resamples) of the knapsack under {args.run_proxy}:\n\n"
+        )
+        for row in stability_rows:
+            row["ci"] = f"[{row['allocation_loss']['low']:.4g}, {row['allocation_loss']['high']:.4g}]"
+            row["unstable"] = len(row["unstable_layers"])
+        table_md += markdown_table(stability_rows, [
+            ("target_bits", "target", ".3f"), ("mean_stability", "mean stability", ".3f"),
+            ("stable_share", "layers always the same", ".2f"), ("unstable", "layers that change", "d"),
+            ("predicted_loss", "predicted loss", ".4g"), ("ci", "95 % interval under resampling", ""),
+        ])  # fmt: skip
     table_md += f"\n\nFP16 PPL {bench.baseline.ppl:.2f}; profile {timings['profile_seconds']:.0f} s "
     table_md += f"(once, all targets); held-out evaluator set-up {timings['evaluator_seconds']:.0f} s."
     report("mixed-precision allocation", payload, table_md, args.out)
@@ -208,6 +277,7 @@ def _versus(group: list[dict], uniform: dict) -> list[dict]:
     """Each row's paired difference to uniform GPTQ at the same bits."""
     for row in group:
         row["vs_uniform_nll"], row["vs_uniform_se"] = paired_delta(_nll(uniform), _nll(row))
+        row["vs_uniform_sigmas"] = row["vs_uniform_nll"] / row["vs_uniform_se"] if row["vs_uniform_se"] else 0.0
         if "indomain_nll" in row and "indomain_nll" in uniform:
             delta, se = paired_delta(_nll(uniform, "indomain_nll"), _nll(row, "indomain_nll"))
             row["indomain_vs_uniform_nll"], row["indomain_vs_uniform_se"] = delta, se

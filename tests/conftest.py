@@ -37,7 +37,15 @@ def _configs(vocab: int) -> dict:
         "qwen2": Qwen2Config(**llama_like),
         "mistral": MistralConfig(**llama_like, sliding_window=None),
         "opt": OPTConfig(**common, hidden_size=64, ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64),
-        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+        "gpt2": GPT2Config(
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        ),
     }
 
 

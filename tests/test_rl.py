@@ -142,7 +142,7 @@ def test_verify_ranks_proxies_and_refine_improves(bench):
     assert len(pool) == 6 and pool[0] is start and len({tuple(c.choice) for c in pool}) == 6
     assert all(c.avg_bits <= 4.0 for c in pool)
     scores = proxy_scores(pool, table)
-    assert set(scores) == {"weight", "hessian", "grad", "fisher"}  # kl was not profiled
+    assert set(scores) == {"weight", "hessian", "grad", "fisher", "outgrad"}  # kl was not profiled
     report = verify(pool, evaluator, scores)
     assert report["real"][0] == evaluator(start.allocation) and report["evaluations"] == 6
     assert all(rho is None or -1 <= rho <= 1 for rho in report["spearman"].values())

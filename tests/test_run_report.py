@@ -58,6 +58,7 @@ def test_report_draws_every_section_or_says_why_not(run_dir):
         data = (out / "report" / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     assert report["sections"]["curves"] == "missing" and "No learning curve" in page  # knapsack learns nothing
+    assert report["sections"]["stability"] == "missing" and "--bootstrap N" in page  # run without --bootstrap
 
 
 def test_seeds_box_plot_reproduces_the_run_at_its_own_seed(run_dir):

@@ -34,7 +34,10 @@ class Allocation(BaseModel):
                 f"allocation does not match the model: unknown layers {unknown[:3]}, missing {missing[:3]}"
             )
         for name, layer in names.items():
-            self.format_of(name).check_shape(layer.out_features, layer.in_features)
+            try:
+                self.format_of(name).check_shape(layer.out_features, layer.in_features)
+            except AutompError as err:  # say which layer: an allocation names many
+                raise AutompError(f"allocation does not fit layer {name}: {err}") from err
 
     def stored_bits(self, inv: Inventory) -> int:
         return sum(self.format_of(lay.name).storage_bits(lay.out_features, lay.in_features) for lay in inv.layers)

@@ -2,19 +2,36 @@
 
 With ``--json`` a command prints exactly one JSON object as the last line of stdout; progress bars
 and logs go to stderr. Errors print one line, ``error: ...``, and exit with status 2.
+
+Each option takes its default from its settings class (``_defaults_from``), so ``--help`` shows the
+value that applies; only the options given on the command line are passed on (``_flags``), so a
+``--config`` file still fills the rest.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 
 from automp.errors import AutompError
+from automp.settings import (
+    EvalSettings,
+    ExportSettings,
+    ProfileSettings,
+    QuantizeSettings,
+    RunSettings,
+    SearchSettings,
+    load_settings,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Automated mixed-precision quantization of LLMs.")
 
@@ -38,6 +55,26 @@ EpisodesOpt = Annotated[int | None, typer.Option(help="reinforce / ppo: training
 TargetBitsOpt = Annotated[
     float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
 ]
+TargetSizeOpt = Annotated[
+    str | None, typer.Option("--target-size", help="Budget: the whole stored model at most this size, e.g. 3.2GB.")
+]
+FitMemoryOpt = Annotated[
+    str | None, typer.Option("--fit-memory", help="Budget: weights + KV cache + overhead fit this memory, e.g. 24GB.")
+]
+ContextOpt = Annotated[
+    int | None, typer.Option("--context", help="--fit-memory: tokens per sequence (default: the model's maximum).")
+]
+BatchSeqOpt = Annotated[int | None, typer.Option("--batch", help="--fit-memory: sequences in the KV cache.")]
+OverheadOpt = Annotated[
+    str | None, typer.Option("--overhead", help="--fit-memory: runtime memory besides weights and KV cache.")
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option("--engine", help="transformers (any format) or vllm (only formats its kernels serve; fused tied)."),
+]
+MaxEvalsOpt = Annotated[
+    int | None, typer.Option("--max-evals", help="Evaluations for --refine, anneal and verification's refinement.")
+]
 
 
 def _command(func):
@@ -55,6 +92,38 @@ def _command(func):
     return wrapper
 
 
+def _defaults_from(settings: type[BaseModel]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give each option of a command the default of its ``settings`` field, so ``--help`` shows it.
+
+    Fields that default to None or to an empty collection keep the option's None (nothing to show; the
+    help text says what happens). A boolean field given as a single flag (``--kl``) also gets its
+    negation (``--no-kl``), so its default shows and a flag can override a config file either way.
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(func, eval_str=True)
+        params = [_with_default(param, settings) for param in signature.parameters.values()]
+        func.__signature__ = signature.replace(parameters=params)
+        return func
+
+    return decorate
+
+
+def _with_default(param: inspect.Parameter, settings: type[BaseModel]) -> inspect.Parameter:
+    field = settings.model_fields.get(param.name)
+    if field is None or field.is_required() or field.default is None or field.default in ({}, []):
+        return param
+    if isinstance(field.default, bool) and get_origin(param.annotation) is Annotated:
+        kind, info, *rest = get_args(param.annotation)
+        # typer keeps the first name given inside Annotated in `default` (see typer.utils)
+        names = [info.default] if isinstance(info.default, str) else list(info.param_decls or ())
+        if len(names) == 1 and "/" not in names[0]:
+            info = copy.copy(info)  # the Annotated aliases above are shared between commands
+            info.default, info.param_decls = ..., (f"{names[0]}/--no-{names[0].removeprefix('--')}",)
+            param = param.replace(annotation=Annotated[(kind, info, *rest)])
+    return param.replace(default=field.default)
+
+
 def _quiet_libraries() -> None:
     import warnings
 
@@ -65,9 +134,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def _flags(params: dict) -> dict:
-    """A command's own option values, without the ones that steer the CLI itself."""
-    return {k: v for k, v in params.items() if k not in ("config", "json_out")}
+def _flags(ctx: typer.Context, params: dict) -> dict:
+    """The options given on the command line, without the ones that steer the CLI itself. Options left
+    at their defaults are dropped, so a ``--config`` file can still set them."""
+    return {
+        k: v
+        for k, v in params.items()
+        if k not in ("ctx", "config", "json_out") and ctx.get_parameter_source(k).name != "DEFAULT"
+    }
 
 
 def _emit(result: dict | list, as_json: bool, human: str) -> None:
@@ -79,9 +153,14 @@ def _emit(result: dict | list, as_json: bool, human: str) -> None:
 
 @app.command()
 @_command
+@_defaults_from(QuantizeSettings)
 def quantize(
+    ctx: typer.Context,
     model: ModelOpt = None,
     scheme: Annotated[str | None, typer.Option(help="Format for every layer, e.g. w4g128, w3g128a, nf4g64.")] = None,
+    allocation: Annotated[
+        Path | None, typer.Option(help="One format per layer instead: an allocation `automp search` saved.")
+    ] = None,
     method: Annotated[str | None, typer.Option(help="rtn, gptq or awq.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     calib: CalibOpt = None,
@@ -99,10 +178,9 @@ def quantize(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantize every layer uniformly with RTN, GPTQ or AWQ and save the packed model."""
-    flags = _flags(locals())
+    """Quantize every layer with RTN, GPTQ or AWQ (one format, or a saved allocation) and save the packed model."""
+    flags = _flags(ctx, locals())
     from automp.pipeline import quantize as run
-    from automp.settings import QuantizeSettings, load_settings
 
     metrics = run(load_settings(QuantizeSettings, config, flags))
     human = f"{metrics['scheme']} ({metrics['method']}): {metrics['avg_bits']:.4f} bits/weight, "
@@ -112,7 +190,9 @@ def quantize(
 
 @app.command("eval")
 @_command
+@_defaults_from(EvalSettings)
 def eval_(
+    ctx: typer.Context,
     model: ModelOpt = None,
     ppl: Annotated[str | None, typer.Option("--ppl", help="Perplexity text: .txt, .jsonl, wikitext2, c4.")] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="Zero-shot tasks: piqa,arc_easy,winogrande,...")] = None,
@@ -128,9 +208,8 @@ def eval_(
     json_out: JsonOpt = False,
 ) -> None:
     """Evaluate a model (or an automp output directory): perplexity and/or zero-shot tasks, memory, speed."""
-    flags = _flags(locals())
+    flags = _flags(ctx, locals())
     from automp.pipeline import evaluate
-    from automp.settings import EvalSettings, load_settings
 
     result = evaluate(load_settings(EvalSettings, config, flags))
     _emit(result, json_out, _eval_summary(result))
@@ -152,7 +231,9 @@ def _eval_summary(result: dict) -> str:
 
 @app.command()
 @_command
+@_defaults_from(ProfileSettings)
 def profile(
+    ctx: typer.Context,
     model: ModelOpt = None,
     formats: Annotated[str | None, typer.Option(help="Formats to measure, e.g. w2g64,w3g128,w4g128,w8,fp16.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory for sensitivity.json.")] = None,
@@ -163,6 +244,10 @@ def profile(
     kl: Annotated[bool | None, typer.Option("--kl", help="Also measure KL per layer x format (slow).")] = None,
     kl_windows: Annotated[int | None, typer.Option("--kl-windows", help="Windows for the KL measurement.")] = None,
     kl_text: Annotated[str | None, typer.Option("--kl-text", help="Text for KL windows (default: --calib).")] = None,
+    per_window: Annotated[
+        bool | None,
+        typer.Option("--per-window", help="Also save per-window proxy terms (for --bootstrap): one more pass."),
+    ] = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
     dtype: DtypeOpt = None,
@@ -173,9 +258,8 @@ def profile(
     json_out: JsonOpt = False,
 ) -> None:
     """Measure every layer x format (bits, error proxies) into a sensitivity table; resumes if interrupted."""
-    flags = _flags(locals())
+    flags = _flags(ctx, locals())
     from automp.pipeline import profile as run
-    from automp.settings import ProfileSettings, load_settings
 
     result = run(load_settings(ProfileSettings, config, flags))
     human = f"profiled {result['layers']} layers x {len(result['formats'])} formats in {result['seconds']:.1f} s"
@@ -184,9 +268,17 @@ def profile(
 
 @app.command()
 @_command
+@_defaults_from(SearchSettings)
 def search(
+    ctx: typer.Context,
     profile: Annotated[Path | None, typer.Option(help="Sensitivity table directory from `automp profile`.")] = None,
     target_bits: TargetBitsOpt = None,
+    target_size: TargetSizeOpt = None,
+    fit_memory: FitMemoryOpt = None,
+    context: ContextOpt = None,
+    batch: BatchSeqOpt = None,
+    overhead: OverheadOpt = None,
+    engine: EngineOpt = None,
     frontier: Annotated[str | None, typer.Option(help="lo:hi:step: print predicted loss vs bits instead.")] = None,
     solver: SolverOpt = None,
     proxy: ProxyOpt = None,
@@ -199,23 +291,22 @@ def search(
     model: Annotated[str | None, typer.Option(help="Model for real evaluations (default: the profiled one).")] = None,
     eval: Annotated[str | None, typer.Option("--eval", help="Held-out text for real evaluations.")] = None,
     eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Evaluation windows.")] = None,
-    seqlen: SeqlenOpt = None,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Window length (default: the profile's).")] = None,
     method: Annotated[str | None, typer.Option(help="Evaluator's quantizer: rtn or gptq.")] = None,
     calib: Annotated[str | None, typer.Option(help="GPTQ calibration text (default: the profile's).")] = None,
     nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows.")] = None,
     metric: Annotated[str | None, typer.Option(help="Real loss: ppl or kl (to full precision).")] = None,
     verify: Annotated[int | None, typer.Option("--verify", help="Evaluate the top K candidates for real.")] = None,
     refine: Annotated[bool | None, typer.Option("--refine", help="Local search on the real loss.")] = None,
-    max_evals: Annotated[int | None, typer.Option("--max-evals", help="Evaluations for --refine / anneal.")] = None,
+    max_evals: MaxEvalsOpt = None,
     episodes: EpisodesOpt = None,
     state: Annotated[Path | None, typer.Option(help="reinforce / ppo: training state file (resumes).")] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Choose each layer's format under a bits budget from a saved sensitivity table."""
-    flags = _flags(locals())
+    flags = _flags(ctx, locals())
     from automp.pipeline import search as run
-    from automp.settings import SearchSettings, load_settings
 
     result = run(load_settings(SearchSettings, config, flags))
     if "frontier" in result:
@@ -237,22 +328,53 @@ def search(
 
 @app.command("run")
 @_command
+@_defaults_from(RunSettings)
 def run_(
+    ctx: typer.Context,
     model: ModelOpt = None,
     target_bits: TargetBitsOpt = None,
+    target_size: TargetSizeOpt = None,
+    fit_memory: FitMemoryOpt = None,
+    context: ContextOpt = None,
+    batch: BatchSeqOpt = None,
+    overhead: OverheadOpt = None,
+    engine: EngineOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output directory: checkpoint, table, allocation, metrics.")] = None,
     solver: SolverOpt = None,
     proxy: ProxyOpt = None,
     formats: Annotated[str | None, typer.Option(help="Formats to profile and choose from.")] = None,
     pin: PinOpt = None,
     tie_fused: TieOpt = None,
-    method: Annotated[str | None, typer.Option(help="Final quantizer: gptq (default) or rtn.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Final quantizer (it also quantizes the verified candidates): gptq, rtn or awq.")
+    ] = None,
     calib: CalibOpt = None,
     nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the calibration windows and the solver.")] = None,
-    eval: Annotated[str | None, typer.Option("--eval", help="Evaluation text for perplexity.")] = None,
-    eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Measuring solvers' windows.")] = None,
+    eval: Annotated[
+        str | None, typer.Option("--eval", help="Text of the reported perplexity (never used to choose).")
+    ] = None,
+    verify_delivery: Annotated[
+        bool | None,
+        typer.Option("--verify-delivery/--no-verify", help="Measure candidates against uniform before delivering."),
+    ] = None,
+    verify_text: Annotated[
+        str | None,
+        typer.Option("--verify-text", help="Held-out text to verify on (default: calibration text calibration skips)."),
+    ] = None,
+    verify_windows: Annotated[int | None, typer.Option("--verify-windows", help="Verification windows.")] = None,
+    eval_windows: Annotated[
+        int | None, typer.Option("--eval-windows", help="Verification windows the search's evaluator uses.")
+    ] = None,
+    verify: Annotated[
+        int | None, typer.Option("--verify", help="Search: screen the top K candidates on cached weights first.")
+    ] = None,
+    refine: Annotated[bool | None, typer.Option("--refine", help="Search: local search on the measured loss.")] = None,
+    max_evals: MaxEvalsOpt = None,
+    bootstrap: Annotated[
+        int | None, typer.Option("--bootstrap", help="N calibration resamples: each layer's format stability.")
+    ] = None,
     episodes: EpisodesOpt = None,
     kl: Annotated[bool | None, typer.Option("--kl", help="Also profile KL (for --proxy kl; slow).")] = None,
     damp: DampOpt = None,
@@ -264,15 +386,20 @@ def run_(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Profile, search, quantize the allocation with GPTQ and evaluate, all into one output directory."""
-    flags = _flags(locals())
+    """Profile, search, verify against uniform, quantize the delivered allocation and evaluate, in one directory."""
+    flags = _flags(ctx, locals())
     from automp.pipeline import run
-    from automp.settings import RunSettings, load_settings
 
     metrics = run(load_settings(RunSettings, config, flags))
     human = f"{metrics['solver']} at {metrics['target_bits']:g} bits ({metrics['method']}): "
     human += f"{metrics['avg_bits']:.4f} bits/weight, {metrics['bytes'] / 1e6:.3f} MB"
     human += f", ppl {metrics['ppl']:.3f}" if "ppl" in metrics else ""
+    if "verification" in metrics:
+        check = metrics["verification"]
+        human += f"\nverified on {check['windows']} held-out windows: delivered {check['delivered']}"
+        if check["delta_nll"] is not None and check["delivered"] != check["best_uniform"]:
+            human += f" (NLL {check['delta_nll']:+.5f} ± {check['se']:.5f} vs {check['best_uniform']})"
+        human += f"; {check['reason']}"
     _emit(metrics, json_out, human)
 
 
@@ -281,20 +408,24 @@ def run_(
 def report(
     run: Annotated[Path, typer.Argument(help="Output directory of `automp run`.")],
     seeds: Annotated[
-        int | None, typer.Option("--seeds", help="Also re-run search + quantize + eval with N seeds (slow).")
-    ] = None,
+        int, typer.Option("--seeds", help="Also re-run search + quantize + eval with N seeds (slow).")
+    ] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Write an HTML report with plots (sensitivity, allocation, frontier, RL curves) to RUN/report/."""
-    from automp.report import write_report
+    from automp.io import check_output
+    from automp.report import REPORT_DIR, write_report
 
-    result = write_report(run, seeds=seeds or 0)
+    check_output(run / REPORT_DIR, option="the report")
+    result = write_report(run, seeds=seeds)
     _emit(result, json_out, f"report written to {result['index']}")
 
 
 @app.command()
 @_command
+@_defaults_from(ExportSettings)
 def export(
+    ctx: typer.Context,
     run: Annotated[Path | None, typer.Option("--run", help="automp output directory (quantize or run).")] = None,
     format: Annotated[
         str | None, typer.Option("--format", help="compressed-tensors, gguf-map or gptq-dynamic.")
@@ -305,9 +436,8 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export a quantized run for vLLM/transformers (compressed-tensors), llama.cpp or GPTQModel."""
-    flags = _flags(locals())
+    flags = _flags(ctx, locals())
     from automp.pipeline import export as run_export
-    from automp.settings import ExportSettings, load_settings
 
     result = run_export(load_settings(ExportSettings, config, flags))
     for warning in result["warnings"]:
@@ -318,7 +448,10 @@ def export(
 @app.command()
 @_command
 def demo(
-    out: Annotated[Path | None, typer.Option(help="Also write the results here (JSON).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write demo.json, the mixed run and its export here (default: ~/.cache/automp/demo)."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Offline demo on a small model trained here from the standard library's documentation."""
@@ -326,7 +459,12 @@ def demo(
 
     result = run_demo(out)
     table = result.pop("table")
-    _emit(result, json_out, table)
+    where = [
+        f"the mixed model, as an `automp run` directory: {result['run_dir']}",
+        f"its report (plots): {result['report']}",
+        f"its compressed-tensors export (from_pretrained loads it): {result['export']}",
+    ]
+    _emit(result, json_out, table + "\n\n" + "\n".join(where))
 
 
 def main() -> None:

@@ -1,8 +1,14 @@
 """``automp demo``: the whole job on a model automp trains itself, offline, in a few minutes on a CPU.
 
 The demo model (``demo_model.py``) learns the standard library's documentation; the demo quantizes it
-with RTN and GPTQ at 8, 4 and 3 bits, then with one format per layer chosen by a quick profile and the
-exact knapsack at the bits of w3g128, and reports bits, megabytes and held-out perplexity.
+with RTN and GPTQ at 8, 4 and 3 bits, then runs ``automp run`` itself at the bits of w3g128 (profile,
+knapsack, verification against uniform on held-out windows, GPTQ), and reports bits, megabytes and
+held-out perplexity; the mixed row names what verification delivered.
+
+The run directory (``<out>/run``) then gets its HTML report (``run/report``) and a compressed-tensors
+export (``<out>/compressed-tensors``), so that the commands a user runs next (``automp report``,
+``automp export``, ``automp eval``) have something to read. ``<out>`` is ``--out``, else ``demo`` in the
+cache (``$AUTOMP_CACHE`` or ``~/.cache/automp``).
 """
 
 from __future__ import annotations
@@ -11,20 +17,19 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from automp.allocation import Allocation
 from automp.checkpoint import model_bytes
 from automp.data import calibration_windows, eval_windows, tokenize
-from automp.demo_model import EVAL_FILE, demo_model_dir, stdlib_corpus
+from automp.demo_model import EVAL_FILE, cache_root, demo_model_dir, stdlib_corpus
 from automp.evaluate import perplexity
-from automp.formats import parse_formats
+from automp.io import check_output, write_file_atomic
 from automp.model import inventory, load_model
+from automp.pipeline import export, run
 from automp.quantize import quantize_, round_to_storage
-from automp.search.problem import Problem
-from automp.search.registry import get_solver
-from automp.sensitivity.profile import profile_model
-from automp.sensitivity.table import CalibInfo
+from automp.report import write_report
+from automp.sensitivity.table import TABLE_FILE
+from automp.settings import ExportSettings, RunSettings
 
 SCHEMES = ("w8", "w4g128", "w3g128")
 METHODS = ("rtn", "gptq")
@@ -32,10 +37,17 @@ SEQLEN = 256
 NSAMPLES = 64
 MIXED_AT = "w3g128"  # the mixed row gets exactly this uniform format's average bits
 PROFILE_FORMATS = "w2g64,w3g128,w4g128,w8"
-PROFILE_NSAMPLES = 8  # the profile only ranks layers: a few windows are enough
+CALIB_FILE = "calib.txt"  # the demo model's training text, which it calibrates on, as `automp run` reads it
+OUT_SUBDIR = "demo"  # in the cache, unless --out is given
+RUN_SUBDIR = "run"
+EXPORT_SUBDIR = "compressed-tensors"
 
 
 def run_demo(out: Path | None = None, progress: bool = True) -> dict:
+    """Print-ready rows of every format, plus where the mixed model's run directory, report and export are."""
+    root = Path(out) if out is not None else cache_root() / OUT_SUBDIR
+    for path in (root, root / RUN_SUBDIR, root / EXPORT_SUBDIR):  # before training: a bad path fails at once
+        check_output(path, option="--out" if path == root and out is not None else "the demo's output")
     torch.manual_seed(0)
     model_dir = demo_model_dir(progress=progress)
     model, tokenizer = load_model(model_dir, device="cpu")
@@ -54,38 +66,35 @@ def run_demo(out: Path | None = None, progress: bool = True) -> dict:
             qweights = quantize_(model, allocation, method, calib, progress=progress)
             ppl = perplexity(model, windows, progress=progress).ppl
             rows.append(_row(scheme, method, allocation.avg_bits(inv), model_bytes(model, qweights), ppl, fp16.ppl))
-    model.load_state_dict(original)
-    rows.append(_mixed_row(model, original, calib, windows, str(model_dir), fp16.ppl, progress))
-    result = {"model": str(model_dir), "eval_windows": fp16.windows, "seqlen": SEQLEN, "rows": rows}
+    calib_file = root / CALIB_FILE  # `automp run` reads texts from files: the demo's calibration text, once
+    if not calib_file.is_file():
+        write_file_atomic(calib_file, stdlib_corpus()[0])
+    (root / RUN_SUBDIR / TABLE_FILE).unlink(missing_ok=True)  # measured afresh: the demo model may be new
+    settings = RunSettings(
+        model=str(model_dir), out=root / RUN_SUBDIR, target_bits=Allocation.uniform(inv, MIXED_AT).avg_bits(inv),
+        formats=PROFILE_FORMATS, calib=str(calib_file), nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu",
+        eval=str(model_dir / EVAL_FILE),
+    )  # fmt: skip
+    mixed = run(settings, progress=progress)
+    rows.append(
+        _row(f"mixed@{settings.target_bits:g}", f"gptq+{mixed['delivered']}", mixed["avg_bits"], mixed["bytes"],
+             mixed["ppl"], fp16.ppl)
+    )  # fmt: skip
+    saved = report_and_export(settings.out, root / EXPORT_SUBDIR)
+    result = {"model": str(model_dir), "eval_windows": fp16.windows, "seqlen": SEQLEN, "rows": rows, **saved}
+    result["verification"] = mixed["verification"]
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "demo.json").write_text(json.dumps(result, indent=1))
+        (root / "demo.json").write_text(json.dumps(result, indent=1))
     return {**result, "table": _table(rows)}
 
 
-def _mixed_row(
-    model: nn.Module,
-    original: dict[str, torch.Tensor],
-    calib: torch.Tensor,
-    windows: torch.Tensor,
-    model_name: str,
-    base: float,
-    progress: bool,
-) -> dict:
-    """Mixed precision at exactly the bits of uniform ``MIXED_AT``: a cheap profile (a few windows, no
-    KL), the exact knapsack on its Hessian proxy, then GPTQ with the chosen format per layer."""
-    inv = inventory(model)
-    target = Allocation.uniform(inv, MIXED_AT).avg_bits(inv)
-    info = CalibInfo(spec="stdlib documentation", nsamples=PROFILE_NSAMPLES, seqlen=SEQLEN, seed=0)
-    table = profile_model(
-        model, parse_formats(PROFILE_FORMATS), calib[:PROFILE_NSAMPLES], model_name=model_name, calib_info=info,
-        progress=progress,
-    )  # fmt: skip
-    allocation = get_solver("knapsack").solve(Problem(table=table, target_bits=target)).allocation
-    model.load_state_dict(original)
-    qweights = quantize_(model, allocation, "gptq", calib, progress=progress)
-    ppl = perplexity(model, windows, progress=progress).ppl
-    return _row(f"mixed@{target:g}", "gptq+knapsack", allocation.avg_bits(inv), model_bytes(model, qweights), ppl, base)
+def report_and_export(run_dir: Path, export_dir: Path) -> dict[str, str]:
+    """Write the report of the ``automp run`` directory ``run_dir`` and its compressed-tensors export to
+    ``export_dir``; returns the three paths (``run_dir``, ``report``, ``export``)."""
+    report = write_report(run_dir, progress=False)["index"]
+    # transformers: the engine that loads every format; `automp export --engine vllm` lists what vLLM cannot serve
+    export(ExportSettings(run=run_dir, format="compressed-tensors", out=export_dir, engine="transformers"))
+    return {"run_dir": str(run_dir), "report": report, "export": str(export_dir)}
 
 
 def _row(scheme: str, method: str, bits: float, nbytes: int, ppl: float, base: float) -> dict:

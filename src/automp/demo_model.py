@@ -297,7 +297,7 @@ def demo_model_dir(cache_dir: Path | None = None, *, progress: bool = True) -> P
     It holds the model and tokenizer (``from_pretrained`` loads both), ``eval.txt`` (held-out
     standard-library docs) and ``train_summary.json``.
     """
-    root = Path(cache_dir) if cache_dir is not None else _default_cache()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / CACHE_SUBDIR
     if (target / SUMMARY_FILE).is_file():
         return target
@@ -325,7 +325,8 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _default_cache() -> Path:
+def cache_root() -> Path:
+    """Where the demo keeps what it makes: ``$AUTOMP_CACHE``, or ``~/.cache/automp``."""
     env = os.environ.get("AUTOMP_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "automp"
 

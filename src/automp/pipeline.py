@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,14 @@ from pydantic import BaseModel
 from torch import nn
 
 from automp.allocation import Allocation
+from automp.budget import Budget
 from automp.checkpoint import model_bytes, save_quantized
 from automp.data import load_windows
 from automp.errors import AutompError
 from automp.evaluate import perplexity
 from automp.export import REPORT_FILE, RunDir, export_run
+from automp.formats import get_format
+from automp.io import check_output, staged_output, write_file_atomic  # also imported from here by older stages
 from automp.lm_eval_backend import evaluate_tasks_lm_eval
 from automp.model import inventory, lm_head_name, load_model, max_positions, resolve_device
 from automp.quantize import GPTQConfig, quantize_
@@ -42,54 +44,10 @@ from automp.settings import (
     SearchSettings,
 )
 from automp.tasks import evaluate_tasks, resolve_tasks_dir
+from automp.timing import Stopwatch  # also imported from here by older stages
 from automp.usage import peak_memory, reset_peak_memory, throughput
 
 DEFAULT_SEQLEN = 2048
-
-
-class Stopwatch:
-    """Wall seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
-
-    @property
-    def total(self) -> float:
-        return round(sum(self.seconds.values()), 3)
-
-
-@contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """Yield a fresh staging directory; move it to ``out`` on success, delete it on failure."""
-    out = Path(out)
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-
-
-def write_file_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place: never a partial file."""
-    path = Path(path)
-    staging = path.parent / f".{path.name}.partial"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        staging.write_text(text)
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def window_length(model, requested: int | None) -> int:
@@ -165,7 +123,8 @@ def quantize_model(
     with clock.stage("load"):
         model, tokenizer = _load(settings)
         seqlen = window_length(model, settings.seqlen)
-        inv = inventory(model, include_lm_head=settings.lm_head)
+        named_head = allocation is not None and lm_head_name(model) in allocation.formats  # a saved allocation's
+        inv = inventory(model, include_lm_head=settings.lm_head or named_head)
         if allocation is None:
             allocation, scheme = Allocation.uniform(inv, settings.scheme), settings.scheme
         else:
@@ -209,11 +168,19 @@ def save_checkpoint(staging: Path, quantized: Quantized, settings: BaseModel, cl
 
 
 def quantize(settings: QuantizeSettings, progress: bool = True) -> dict:
-    """Load, quantize uniformly with ``settings.scheme``, optionally evaluate, save to ``settings.out``."""
+    """Load, quantize (uniformly with ``settings.scheme``, or with the saved ``settings.allocation``),
+    optionally evaluate, save to ``settings.out``."""
+    check_output(settings.out)
     clock = Stopwatch()
+    allocation, extra = None, {}
+    if settings.allocation is not None:
+        if "scheme" in settings.model_fields_set:  # given as a flag or in the config file, not the default
+            raise AutompError("give either --scheme (one format for every layer) or --allocation FILE, not both")
+        allocation = Allocation.load(settings.allocation)  # also reads `automp search` results: their `formats`
+        extra = {"allocation": str(settings.allocation)}
     with staged_output(settings.out) as staging:
-        quantized = quantize_model(settings, clock=clock, progress=progress)
-        return save_checkpoint(staging, quantized, settings, clock, {})
+        quantized = quantize_model(settings, allocation, clock, progress)
+        return save_checkpoint(staging, quantized, settings, clock, extra)
 
 
 def profile(settings: ProfileSettings, progress: bool = True) -> dict:
@@ -226,7 +193,9 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
     from automp.formats import parse_formats
     from automp.sensitivity.profile import profile_model
     from automp.sensitivity.table import TABLE_FILE, CalibInfo
+    from automp.sensitivity.windows import WINDOWS_FILE
 
+    check_output(settings.out)
     clock = Stopwatch()
     with clock.stage("load"):
         model, tokenizer = _load(settings)
@@ -246,10 +215,12 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
         model_name=settings.model,
         calib_info=CalibInfo(spec=settings.calib, nsamples=len(calib), seqlen=seqlen, seed=settings.seed),
         kl_windows=kl_windows, work_dir=work, gptq=GPTQConfig(damp=settings.damp, act_order=settings.act_order),
-        batch_size=settings.batch_size, progress=progress, clock=clock,
+        batch_size=settings.batch_size, progress=progress, clock=clock, per_window=settings.per_window,
     )  # fmt: skip
     with staged_output(out) as staging:
         table.save(staging)
+        if settings.per_window:
+            shutil.copyfile(work / WINDOWS_FILE, staging / WINDOWS_FILE)
         metrics = {
             "layers": len(table.layers),
             "formats": table.formats,
@@ -264,13 +235,18 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
     return metrics
 
 
-def search(settings: SearchSettings) -> dict:
-    """Choose each layer's format from a saved sensitivity table: one allocation for ``target_bits``,
-    saved to ``out``; or, with ``frontier``, the predicted loss at every target in a range."""
+def search(settings: SearchSettings, windows: torch.Tensor | None = None) -> dict:
+    """Choose each layer's format from a saved sensitivity table: one allocation for the budget,
+    saved to ``out``; or, with ``frontier``, the predicted loss at every target in a range.
+
+    ``windows``: held-out token windows for the measuring steps (solvers that evaluate, ``--verify``,
+    ``--refine``) instead of ``settings.eval``; ``automp run`` passes its verification windows."""
     from automp.search.frontier import frontier, parse_range
     from automp.search.registry import get_solver
     from automp.search.result import SearchResult
 
+    if settings.out is not None:
+        check_output(settings.out, "file")
     clock = Stopwatch()
     with clock.stage("load"):
         table = SensitivityTable.load(settings.profile)
@@ -290,7 +266,7 @@ def search(settings: SearchSettings) -> dict:
     from automp.search.measure import build_evaluator, check_and_refine, solver_options
 
     with clock.stage("evaluator"):  # only when something measures real quality (--eval)
-        evaluator = build_evaluator(settings, problem)
+        evaluator = build_evaluator(settings, problem, windows)
     with clock.stage("search"):
         engine = get_solver(settings.solver, **options, **solver_options(settings))
         solution = engine.solve(problem, seed=settings.seed, evaluator=evaluator)
@@ -306,29 +282,58 @@ def search(settings: SearchSettings) -> dict:
 
 
 def search_problem(settings: SearchSettings, table: SensitivityTable) -> Problem:
-    """The Problem a search settings object describes, checked against the table."""
-    from automp.formats import parse_formats
-
-    if (settings.target_bits is None) == (settings.frontier is None):
-        raise AutompError("automp search needs either --target-bits (with --out) or --frontier lo:hi:step")
-    if settings.target_bits is not None:
-        if not settings.target_bits > 0:
-            raise AutompError(f"--target-bits must be positive, got {settings.target_bits:g}")
+    """The Problem a search settings object describes, checked against the table: the budget as
+    average bits, the allowed formats (narrowed to what ``--engine`` serves) and the ties."""
+    budgets = [settings.target_bits, settings.target_size, settings.fit_memory]
+    if settings.frontier is not None and any(b is not None for b in budgets):
+        raise AutompError("automp search takes a budget (--target-bits/--target-size/--fit-memory) or --frontier")
+    target = 16.0
+    if settings.frontier is None:
+        budget = Budget.of(settings)
         if settings.out is None:
-            raise AutompError("automp search --target-bits needs --out FILE for the allocation")
-    allowed = [f.name for f in parse_formats(settings.formats)] if settings.formats else None
+            raise AutompError("automp search with a budget needs --out FILE for the allocation")
+        config = _config(settings.model or table.model, False) if budget.fit_memory is not None else None
+        target = budget.average_bits(table.weight_count(), table.dense_bytes, len(table.layers), config)
+    allowed, dropped = engine_formats(settings.formats or ",".join(table.formats), settings.engine)
     return Problem(
         table=table,
         proxy=settings.proxy,
-        target_bits=settings.target_bits if settings.target_bits is not None else 16.0,
-        allowed=allowed,
+        target_bits=target,
+        allowed=allowed if (settings.formats or dropped) else None,
         pinned=settings.pin,
-        tie_fused=settings.tie_fused,
+        tie_fused=settings.tie_fused or settings.engine == "vllm",
     )
+
+
+def engine_formats(formats: str, engine: str) -> tuple[list[str], list[str]]:
+    """The formats an engine serves among ``formats`` (kept, dropped); every format for transformers."""
+    from automp.export.vllm_support import servable_format
+    from automp.formats import parse_formats
+
+    parsed = parse_formats(formats)
+    if engine != "vllm":
+        return [f.name for f in parsed], []
+    kept = [f.name for f in parsed if servable_format(f)]
+    if not any(get_format(name).quantized for name in kept):
+        raise AutompError(
+            f"--engine vllm serves none of the formats {formats}: its kernels take symmetric 4/8-bit and "
+            "asymmetric 4-bit integers per channel or in groups of 32/64/128 (e.g. w4g128, w4g64, w8)"
+        )
+    return kept, [f.name for f in parsed if not servable_format(f)]
+
+
+def _config(model: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as err:  # offline hub id, missing or broken config.json
+        raise AutompError(f"could not read the config of {model} (needed for --fit-memory): {err}") from err
 
 
 def export(settings: ExportSettings) -> dict:
     """Write a deployable export (``settings.format``) of the automp output directory ``settings.run``."""
+    check_output(settings.out)
     clock = Stopwatch()
     if Path(settings.out).resolve() == Path(settings.run).resolve():
         raise AutompError("--out must differ from --run: the export would replace the run it reads")
@@ -344,49 +349,89 @@ def export(settings: ExportSettings) -> dict:
 
 
 def run(settings: RunSettings, progress: bool = True) -> dict:
-    """The whole job: profile, search, quantize the allocation, evaluate; one directory ``settings.out``.
+    """The whole job in one directory ``settings.out``: profile, search, verify, quantize the delivered
+    allocation, evaluate.
 
     The sensitivity table is reused from ``<out>/sensitivity.json`` when a previous run left one there.
     Otherwise it is measured into a hidden directory beside the output (``.<out>.profile``), which a
     failed or killed run leaves behind so that the next run resumes or reuses it; it is removed once
-    the output is in place.
+    the output is in place. Verification (``delivery.py``) measures the search's allocation, every
+    proxy's knapsack and the uniform formats within the budget, quantized for real on held-out windows,
+    and delivers the best; ``--no-verify`` delivers the search's allocation unmeasured.
     """
+    from automp.delivery import VERIFICATION_FILE, deliver
+    from automp.search.bootstrap import check_bootstrappable
     from automp.search.result import SearchResult
     from automp.sensitivity.table import TABLE_FILE
+    from automp.sensitivity.windows import WINDOWS_FILE
 
+    check_output(settings.out)
     clock = Stopwatch()
     out = Path(settings.out)
-    if not settings.target_bits > 0:
-        raise AutompError(f"--target-bits must be positive, got {settings.target_bits:g}")
+    budget = Budget.of(settings)
     if settings.calib is None:
         raise AutompError("automp run needs calibration text (--calib)")
-    _check_reachable(settings)
+    _check_run_options(settings)
+    if settings.bootstrap:
+        check_bootstrappable(settings.proxy)
+    formats, dropped = engine_formats(settings.formats, settings.engine)
+    _check_reachable(settings, budget, formats)
     cached = out / TABLE_FILE
     scratch = out.parent / f".{out.name}.profile"
-    if not cached.is_file():
+
+    def complete(table: Path) -> bool:  # --bootstrap also needs the per-window terms beside the table
+        return table.is_file() and (not settings.bootstrap or (table.parent / WINDOWS_FILE).is_file())
+
+    if not complete(cached):
         cached = scratch / TABLE_FILE
-        if not cached.is_file():
-            fields = set(ProfileSettings.model_fields) - {"out"}
-            profiled = profile(ProfileSettings(**settings.model_dump(include=fields), out=scratch), progress)
+        if not complete(cached):
+            fields = set(ProfileSettings.model_fields) - {"out", "formats"}
+            profile_settings = ProfileSettings(
+                **settings.model_dump(include=fields), formats=",".join(formats), out=scratch,
+                per_window=settings.bootstrap > 0,
+            )  # fmt: skip
+            profiled = profile(profile_settings, progress)
             clock.seconds["profile"] = profiled["seconds"]
     with staged_output(out) as staging:
         shutil.copyfile(cached, staging / TABLE_FILE)
-        # the options both commands share; `method` is run's final quantizer, not the search evaluator's
-        shared = (set(SearchSettings.model_fields) & set(RunSettings.model_fields)) - {"out", "method"}
+        if (cached.parent / WINDOWS_FILE).is_file():
+            shutil.copyfile(cached.parent / WINDOWS_FILE, staging / WINDOWS_FILE)
+        table = SensitivityTable.load(staging / TABLE_FILE)
+        with clock.stage("load"):
+            model, tokenizer = _load(settings)
+            seqlen = window_length(model, settings.seqlen)
+            calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
+            held_out = _verification_windows(settings, tokenizer, seqlen) if _measures(settings) else None
+        # the options both commands share; `method` is run's final quantizer, `eval` its reported text
+        shared = set(SearchSettings.model_fields) & set(RunSettings.model_fields)
+        shared -= {"out", "method", "eval", "formats"}
         search_settings = SearchSettings(
-            profile=staging / TABLE_FILE, out=staging / ALLOCATION_FILE, **settings.model_dump(include=shared)
-        )
+            profile=staging / TABLE_FILE, out=staging / ALLOCATION_FILE, formats=",".join(formats),
+            method="gptq" if settings.method == "gptq" else "rtn", **settings.model_dump(include=shared),
+        )  # fmt: skip
         with clock.stage("search"):
-            found = search(search_settings)
+            evaluator_windows = None if held_out is None else held_out[0][: settings.eval_windows]
+            found = search(search_settings, evaluator_windows)
         result = SearchResult.load(staging / ALLOCATION_FILE)
+        problem = search_problem(search_settings, table)
+        verification = None
+        if settings.verify_delivery:
+            with clock.stage("verify"):
+                solution, verification = deliver(settings, problem, result, model, calib, held_out, progress)
+            result = SearchResult.of(problem, solution, profile="", seed=settings.seed)
+            write_file_atomic(staging / VERIFICATION_FILE, verification.model_dump_json(indent=1))
+        del model
+        stability = _bootstrap(settings, problem, result, staging) if settings.bootstrap else None
         result.profile = str(out / TABLE_FILE)  # where the table lies once the output is in place
         write_file_atomic(staging / ALLOCATION_FILE, result.model_dump_json(indent=1))
-        fields = set(QuantizeSettings.model_fields) - {"scheme", "lm_head"}
+        fields = set(QuantizeSettings.model_fields) - {"scheme", "lm_head", "allocation"}
         quantized = quantize_model(
             QuantizeSettings(**settings.model_dump(include=fields)), result.allocation, clock, progress
         )
         extra = {
-            "target_bits": settings.target_bits,
+            "target_bits": result.target_bits,
+            "budget": budget.describe(quantized.model.config),
+            "engine": {"name": settings.engine, "dropped_formats": dropped},
             "solver": result.solver,
             "proxy": result.proxy,
             "predicted_loss": result.predicted_loss,
@@ -394,43 +439,111 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
                 k: v for k, v in found.items() if k not in ("path", "profile", "model", "stage_seconds", "seconds")
             },
         }
+        if verification is not None:
+            extra["verification"] = verification.summary()
+            extra["delivered"] = verification.delivered
+        if stability is not None:
+            extra["bootstrap"] = stability
         metrics = save_checkpoint(staging, quantized, settings, clock, extra)
     shutil.rmtree(scratch, ignore_errors=True)
     return metrics
 
 
-ALLOCATION_FILE = "allocation.json"  # in an `automp run` directory: the search result
+ALLOCATION_FILE = "allocation.json"  # in an `automp run` directory: the delivered allocation
 
 
-def _check_reachable(settings: RunSettings) -> None:
-    """Refuse a target below what the cheapest allowed formats can store before spending a profile on it.
+def _bootstrap(settings: RunSettings, problem: Problem, result, staging: Path) -> dict:
+    """``--bootstrap N``: how stable the knapsack's choice is over N calibration resamples, under the proxy
+    that chose the delivered allocation (``--proxy`` when that proxy cannot be resampled, or for uniform)."""
+    from dataclasses import replace
+
+    from automp.search.bootstrap import BOOTSTRAP_PROXIES, bootstrap
+    from automp.sensitivity.windows import WindowCosts
+
+    proxy = result.proxy if result.proxy in BOOTSTRAP_PROXIES else settings.proxy
+    found = bootstrap(replace(problem, proxy=proxy), WindowCosts.load(staging), settings.bootstrap, settings.seed)
+    found.save(staging)
+    return found.summary()
+
+
+def _measures(settings: RunSettings) -> bool:
+    """Whether anything in the run measures real quality on held-out windows."""
+    from automp.search.measure import MEASURING_SOLVERS
+
+    return settings.verify_delivery or settings.solver in MEASURING_SOLVERS or bool(settings.verify) or settings.refine
+
+
+def _check_run_options(settings: RunSettings) -> None:
+    from automp.data import sources
+
+    for name in ("verify_windows", "eval_windows"):
+        if getattr(settings, name) < 1:
+            raise AutompError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    for name in ("max_evals", "bootstrap"):
+        if getattr(settings, name) < 0:
+            raise AutompError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(settings, name)}")
+    if settings.verify_text is not None:
+        chosen_on = set(sources(settings.verify_text))
+        if settings.eval is not None and chosen_on & set(sources(settings.eval)):
+            raise AutompError(
+                "--verify-text must differ from --eval: the delivered allocation would be chosen on the text "
+                "its perplexity is reported on"
+            )
+        if chosen_on & set(sources(settings.calib)):
+            raise AutompError("--verify-text must differ from --calib (give no --verify-text to use held-out windows)")
+
+
+def _verification_windows(settings: RunSettings, tokenizer, seqlen: int) -> tuple[torch.Tensor, str]:
+    """(windows, where they came from): ``--verify-text``'s windows spread over the text, or windows of
+    the calibration text that no calibration window touches (drawn under seed + 2)."""
+    from automp.data import load_heldout_windows
+
+    count = settings.verify_windows
+    if settings.verify_text is not None:
+        windows = load_windows(settings.verify_text, tokenizer, seqlen)
+        picks = torch.linspace(0, len(windows) - 1, min(count, len(windows))).round().long().unique()
+        return windows[picks], f"{settings.verify_text} ({len(picks)} windows spread over the text)"
+    windows = load_heldout_windows(
+        settings.calib, tokenizer, seqlen, count, settings.nsamples, settings.seed, settings.seed + 2
+    )
+    return windows, f"{settings.calib}, {len(windows)} windows no calibration window touches (seed {settings.seed + 2})"
+
+
+def _check_reachable(settings: RunSettings, budget: Budget, formats: list[str]) -> None:
+    """Refuse a budget below what the cheapest allowed formats can store before spending a profile on it.
 
     The layer shapes come from the model built on the ``meta`` device (no weights are read). When that
     cannot be built here, the check is left to the search, which makes the exact one after profiling.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from automp.formats import parse_formats
-
-    formats = parse_formats(settings.formats)
     try:
-        config = AutoConfig.from_pretrained(settings.model, trust_remote_code=settings.trust_remote_code)
+        config = _config(settings.model, settings.trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
     except Exception:  # a hub id offline, a broken config: loading the model reports it properly
         return
     layers = inventory(skeleton).layers
+    names = {layer.name + ".weight" for layer in layers}
+    dense, seen = 0, set()
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():  # tied tensors are one object: counted once
+        if name not in names and id(tensor) not in seen:
+            seen.add(id(tensor))
+            dense += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+    weights = sum(layer.numel for layer in layers)
+    target = budget.average_bits(weights, dense, len(layers), config)
     cheapest = 0
     for layer in layers:
         bits = []
-        for fmt in formats:
+        for fmt in map(get_format, formats):
             with contextlib.suppress(AutompError):  # groups that do not divide: the profile reports it
                 fmt.check_shape(layer.out_features, layer.in_features)
                 bits.append(fmt.storage_bits(layer.out_features, layer.in_features))
         cheapest += min(bits, default=0)
-    minimum = math.ceil(cheapest / sum(layer.numel for layer in layers) * 1e4) / 1e4
-    if settings.target_bits < minimum:
+    minimum = math.ceil(cheapest / weights * 1e4) / 1e4
+    if target < minimum:
+        stated = "" if budget.target_bits is not None else f" (what the budget leaves: {budget.describe(config)})"
         raise AutompError(
-            f"target {settings.target_bits:g} avg bits is below the minimum achievable {minimum:.4f} avg bits "
-            f"with the formats {settings.formats}"
+            f"target {target:g} avg bits{stated} is below the minimum achievable {minimum:.4f} avg bits "
+            f"with the formats {','.join(formats)}"
         )

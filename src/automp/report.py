@@ -11,6 +11,9 @@ table of the run's metrics. Sections:
 * **statistics**: input-activation and weight statistics per layer;
 * **learning curves**: PPL (or KL), memory saving and reward per episode, when a learned solver saved a
   curve (``allocation.json.curve.json``);
+* **calibration stability** (``bootstrap.json``, from ``automp run --bootstrap N``): the share of
+  resamples of the calibration windows that keep each layer's format, blocks x roles, with the 95 %
+  confidence interval of the allocation's predicted loss in the title;
 * **seeds** (``--seeds N`` only): the final PPL of N runs of search + quantize + evaluate with seeds
   0..N-1, as a box plot. Each seed re-quantizes the model, so this is the slow section.
 
@@ -54,11 +57,13 @@ def write_report(run_dir: Path, seeds: int = 0, progress: bool = True) -> dict:
     proxy = result.proxy if result is not None else "hessian"
 
     sections: list[tuple[str, str, Callable[[Path], str | None]]] = [
+        ("verification", "Verified delivery", lambda path: _verification(run_dir, path)),
         ("sensitivity", "Per-layer sensitivity", lambda path: _sensitivity(table, proxy, path)),
         ("allocation", "Allocation", lambda path: _allocation(table, result, path)),
         ("frontier", "Pareto frontier (predicted)", lambda path: _frontier(table, result, proxy, path)),
         ("statistics", "Weight and activation statistics", lambda path: _statistics(table, path)),
         ("curves", "Learning curves", lambda path: _curves(curve, path)),
+        ("stability", "Calibration stability (bootstrap)", lambda path: _stability(run_dir, table, path)),
     ]
     if seeds:
         sections.append(("seeds", "Final PPL across seeds", lambda path: _seeds(run_dir, seeds, path, progress)))
@@ -90,7 +95,8 @@ def _read_json(path: Path) -> dict | list | None:
 
 def _metrics_table(metrics: dict, table: SensitivityTable) -> str:
     rows = {"model": table.model, "layers": len(table.layers), "profiled formats": ", ".join(table.formats)}
-    for key in ("solver", "proxy", "method", "target_bits", "avg_bits", "bytes", "predicted_loss", "ppl", "seconds"):
+    keys = ("delivered", "solver", "proxy", "method", "target_bits", "avg_bits", "bytes", "predicted_loss", "ppl")
+    for key in (*keys, "seconds"):
         if key in metrics:
             value = metrics[key]
             rows[key] = f"{value:.6g}" if isinstance(value, float) else value
@@ -226,6 +232,32 @@ def _statistics(table: SensitivityTable, path: Path) -> str | None:
     return None
 
 
+def _verification(run_dir: Path, path: Path) -> str | None:
+    """Each candidate's measured NLL difference to the best uniform one (2 SE bars), the delivered one marked."""
+    from automp.delivery import VERIFICATION_FILE, Verification
+
+    if not (run_dir / VERIFICATION_FILE).is_file():
+        return "The run was not verified (--no-verify): its allocation was delivered on the proxy alone."
+    record = Verification.model_validate_json((run_dir / VERIFICATION_FILE).read_text())
+    if record.best_uniform is None:
+        return f"No uniform format fits the budget; delivered {record.delivered} ({record.reason})."
+    plt = _pyplot()
+    rows = sorted(record.candidates, key=lambda c: c.nll)
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.4 * len(rows)))
+    colors = ["tab:green" if c.label == record.delivered else "tab:gray" if c.kind == "uniform" else "tab:blue"
+              for c in rows]  # fmt: skip
+    ax.barh(range(len(rows)), [c.delta_nll for c in rows], xerr=[2 * (c.se or 0) for c in rows], color=colors)
+    ax.set_yticks(range(len(rows)), [f"{c.label} ({c.avg_bits:.3f} b)" for c in rows])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"NLL per token minus {record.best_uniform} (bars: 2 SE over {record.windows} windows)")
+    ax.set_title(f"delivered: {record.delivered} (green); {record.reason}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
 def _curves(curve: list | None, path: Path) -> str | None:
     if not curve:
         return "No learning curve: the allocation came from a solver that does not learn (knapsack, greedy, quantile)."
@@ -241,6 +273,25 @@ def _curves(curve: list | None, path: Path) -> str | None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return None
+
+
+def _stability(run_dir: Path, table: SensitivityTable, path: Path) -> str | None:
+    from automp.search.bootstrap import BOOTSTRAP_FILE, BootstrapResult
+
+    if not (run_dir / BOOTSTRAP_FILE).is_file():
+        return (
+            f"No {BOOTSTRAP_FILE} in the run directory: run `automp run ... --bootstrap N` to re-solve on N "
+            "resamples of the calibration windows and see how stable each layer's format is."
+        )
+    result = BootstrapResult.load(run_dir / BOOTSTRAP_FILE)
+    grid, blocks, roles = _grid(table, {layer.name: layer.stability for layer in result.layers})
+    ci = result.allocation_loss
+    title = (
+        f"format stability over {result.n} resamples ({result.proxy}, {result.target_bits:g} bits)\n"
+        f"predicted loss {result.predicted_loss:.4g}, 95% CI [{ci.low:.4g}, {ci.high:.4g}]"
+    )
+    _heatmap(grid, blocks, roles, title, "share of resamples keeping the format", path, vmin=0, vmax=1, cmap="RdYlGn")
     return None
 
 
@@ -261,33 +312,31 @@ def _seeds(run_dir: Path, count: int, path: Path, progress: bool) -> str | None:
 
 
 def seed_ppls(run_dir: Path, count: int, progress: bool = True) -> list[float]:
-    """Final PPL of search + quantize + evaluate with seeds 0..count-1 (solver and calibration windows).
+    """Final PPL of the run repeated with seeds 0..count-1 (solver, calibration and verification windows).
 
-    Each seed re-uses the run's own settings (``automp_config.json``) and cached sensitivity table;
-    nothing is saved but the numbers. Empty when the run had no evaluation text.
+    Each seed is a whole ``automp run`` with the run's own settings (``automp_config.json``), search and
+    verification included, on its cached sensitivity table; nothing is kept but the numbers. Empty when
+    the run had no evaluation text.
     """
     import tempfile
 
-    from automp.pipeline import quantize_model, search
-    from automp.search.result import SearchResult
-    from automp.settings import QuantizeSettings, RunSettings, SearchSettings
+    from automp.pipeline import run
+    from automp.sensitivity.windows import WINDOWS_FILE
+    from automp.settings import RunSettings
 
     settings = RunSettings.model_validate_json((run_dir / "automp_config.json").read_text())
     if settings.eval is None:
         return []
-    shared = (set(SearchSettings.model_fields) & set(RunSettings.model_fields)) - {"out", "method", "seed"}
-    fields = set(QuantizeSettings.model_fields) - {"scheme", "lm_head", "seed"}
     ppls = []
     scratch = Path(tempfile.mkdtemp(prefix="automp-seeds-"))
     try:
         for seed in range(count):
-            out = scratch / f"allocation-{seed}.json"
-            search(
-                SearchSettings(profile=run_dir / TABLE_FILE, out=out, seed=seed, **settings.model_dump(include=shared))
-            )
-            quantize = QuantizeSettings(**settings.model_dump(include=fields), seed=seed)
-            quantized = quantize_model(quantize, SearchResult.load(out).allocation, progress=progress)
-            ppls.append(quantized.metrics["ppl"])
+            out = scratch / f"seed-{seed}"
+            out.mkdir()
+            for name in (TABLE_FILE, WINDOWS_FILE):  # the measured table is reused, not measured again
+                if (run_dir / name).is_file():
+                    shutil.copyfile(run_dir / name, out / name)
+            ppls.append(run(settings.model_copy(update={"out": out, "seed": seed}), progress=progress)["ppl"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return [p for p in ppls if math.isfinite(p)]

@@ -36,6 +36,7 @@ class EvalSettings(ModelSettings):
 class QuantizeSettings(ModelSettings):
     out: Path
     scheme: str = "w4g128"
+    allocation: Path | None = None  # one format per layer, as `automp search` saved it; excludes `scheme`
     method: Literal["rtn", "gptq", "awq"] = "rtn"
     calib: str | None = None
     nsamples: int = 128
@@ -62,6 +63,7 @@ class ProfileSettings(ModelSettings):
     kl_text: str | None = None  # default: the calibration text, windows drawn with seed + 1
     damp: float = 0.01
     act_order: bool = True
+    per_window: bool = False  # also the per-window proxy terms (sensitivity.windows.safetensors), for --bootstrap
 
     @field_validator("formats")
     @classmethod
@@ -69,13 +71,24 @@ class ProfileSettings(ModelSettings):
         return ",".join(fmt.name for fmt in parse_formats(value))
 
 
-class SearchSettings(BaseModel):
-    """``automp search``: one allocation for ``target_bits`` (saved to ``out``), or a ``frontier`` curve."""
+class BudgetSettings(BaseModel):
+    """The budget of a search: exactly one of average bits, a file size, or memory at a context (``budget.py``)."""
+
+    target_bits: float | None = None  # average stored bits per weight of the allocated layers
+    target_size: str | None = None  # the whole stored model, e.g. 3.2GB or 3GiB
+    fit_memory: str | None = None  # weights + KV cache + overhead fit this memory, e.g. 24GB
+    context: int | None = None  # --fit-memory: tokens per sequence (default: the model's maximum positions)
+    batch: int = 1  # --fit-memory: sequences
+    overhead: str = "1GiB"  # --fit-memory: runtime memory besides weights and KV cache (CUDA context, workspace)
+    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: only formats its kernels serve, fused layers tied
+
+
+class SearchSettings(BudgetSettings):
+    """``automp search``: one allocation for a budget (saved to ``out``), or a ``frontier`` curve."""
 
     model_config = ConfigDict(extra="forbid")
 
     profile: Path  # the directory (or file) `automp profile` wrote the sensitivity table to
-    target_bits: float | None = None  # average stored bits per weight of the allocated layers
     frontier: str | None = None  # "lo:hi:step": the predicted loss at each target instead
     solver: str = "knapsack"
     proxy: str = "hessian"
@@ -114,22 +127,29 @@ class SearchSettings(BaseModel):
         return pins
 
 
-class RunSettings(ModelSettings):
-    """``automp run``: profile (reused when cached), search, quantize the allocation, evaluate, into ``out``."""
+class RunSettings(ModelSettings, BudgetSettings):
+    """``automp run``: profile (reused when cached), search, verify, quantize the delivered allocation,
+    evaluate, into ``out``."""
 
     out: Path
-    target_bits: float
     solver: str = "knapsack"
-    proxy: str = "hessian"
+    proxy: str = "hessian"  # the search's proxy; verification measures every profiled proxy's knapsack too
     formats: str = "w2g64,w3g128,w4g128,w8,fp16"  # profiled, and the formats the search may choose
     pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
     tie_fused: bool = False
-    method: Literal["rtn", "gptq"] = "gptq"
-    calib: str | None = None
+    method: Literal["rtn", "gptq", "awq"] = "gptq"  # the final quantizer, also used to verify candidates
+    calib: str | None = None  # one text, or several comma-separated (windows shared out equally)
     nsamples: int = 128
-    eval: str | None = None
-    eval_windows: int = 8  # windows the measuring solvers (reinforce, ppo, anneal) evaluate on
+    eval: str | None = None  # the reported perplexity's text; never used to choose anything
+    verify_delivery: bool = True  # measure candidates against uniform before delivering (--no-verify: skip)
+    verify_text: str | None = None  # default: windows of the calibration text that calibration does not touch
+    verify_windows: int = 32
+    eval_windows: int = 8  # verification windows the search's evaluator uses (measuring solvers, --verify K)
+    verify: int | None = None  # the search's --verify K: screen the top K candidates on cached weights
+    refine: bool = False  # the search's swap-move refinement on the measured loss (before verification)
+    max_evals: int = 40  # evaluations for --refine, the anneal solver and verification's refinement
     episodes: int | None = None  # reinforce / ppo
+    bootstrap: int = 0  # N resamples of the calibration windows: each layer's format stability (bootstrap.json)
     kl: bool = False  # also profile KL (slow); needed only for --proxy kl
     damp: float = 0.01
     act_order: bool = True

@@ -28,9 +28,13 @@ relatively worse), and 10-20x slower, hence the fallback role.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,6 +196,21 @@ def _fill(bits: list[np.ndarray], loss: list[np.ndarray], position: list[int], s
         position[g] = k
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence file descriptor 1: the HiGHS in scipy 1.17 prints debug lines straight to it (not via
+    Python's sys.stdout), which would land in front of a command's JSON line."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _milp_positions(bits: list[np.ndarray], losses: list[np.ndarray], slack: int) -> list[int]:
     """The same optimum by MILP: binary x[g, k] for every non-base format, at most one per group."""
     sizes = [len(b) - 1 for b in bits]
@@ -205,7 +224,7 @@ def _milp_positions(bits: list[np.ndarray], losses: list[np.ndarray], slack: int
     one_per_group = csr_array((np.ones(owners.size), (owners, np.arange(owners.size))), shape=(len(bits), owners.size))
     limit = slack
     while True:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_stdout():
             # mip_abs_gap goes to HiGHS as is; scipy warns that it does not know the option
             warnings.filterwarnings("ignore", message="Unrecognized options")
             result = milp(

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from automp.data import load_windows
+import torch
+
+from automp.data import load_windows, sources
 from automp.errors import AutompError
 from automp.search.evaluator import AllocationEvaluator
 from automp.search.problem import Problem, Solution
@@ -45,30 +47,41 @@ def solver_options(settings) -> dict:
     return options
 
 
-def build_evaluator(settings, problem: Problem) -> AllocationEvaluator | None:
-    """The evaluator the settings ask for, or None when nothing measures real quality."""
+def build_evaluator(settings, problem: Problem, windows: torch.Tensor | None = None) -> AllocationEvaluator | None:
+    """The evaluator the settings ask for, or None when nothing measures real quality.
+
+    ``windows``: held-out evaluation windows to use instead of ``settings.eval`` (``automp run``'s
+    verification windows, held out from calibration by construction)."""
     if not wants_evaluator(settings):
         return None
     from automp.model import load_model
 
+    table = problem.table
+    calib_spec = settings.calib or table.calib.spec
+    if windows is not None:
+        model, tokenizer = load_model(settings.model or table.model)
+        return _evaluator(settings, problem, model, tokenizer, windows, calib_spec)
     if settings.eval is None:
         raise AutompError(
             f"--solver {settings.solver} / --verify / --refine measure real quality: give --eval TEXT (held out)"
         )
-    table = problem.table
-    calib_spec = settings.calib or table.calib.spec
-    for spec in {table.calib.spec, calib_spec}:
-        if _same_text(settings.eval, spec):
+    for spec in {*sources(table.calib.spec), *sources(calib_spec)}:
+        if any(_same_text(text, spec) for text in sources(settings.eval)):
             raise AutompError(f"--eval {settings.eval} is the calibration text; evaluate on held-out text")
     if settings.eval_windows < 1:
         raise AutompError("--eval-windows must be at least 1")
     model, tokenizer = load_model(settings.model or table.model)
     seqlen = settings.seqlen or table.calib.seqlen
     windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
+    return _evaluator(settings, problem, model, tokenizer, windows, calib_spec)
+
+
+def _evaluator(settings, problem: Problem, model, tokenizer, windows: torch.Tensor, calib_spec: str):
+    table = problem.table
     calib = None
     if settings.method == "gptq":
         nsamples = settings.nsamples if settings.calib else table.calib.nsamples
-        calib = load_windows(calib_spec, tokenizer, seqlen, nsamples, table.calib.seed)
+        calib = load_windows(calib_spec, tokenizer, windows.shape[1], nsamples, table.calib.seed)
     formats = problem.allowed or table.formats
     return AllocationEvaluator(model, windows, formats, calib=calib, method=settings.method, metric=settings.metric)
 

@@ -30,6 +30,13 @@ errors are GPTQ's, applied to this layer alone on its full-precision inputs):
 * ``kl`` (optional): the mean per-token ``KL(full || quantized)`` on separate windows, with only
   this layer quantized.
 
+**Per window** (``per_window=True``, optional): the hessian, fisher and outgrad costs split into one
+term per calibration window (``automp.sensitivity.windows``), for ``--bootstrap``. It keeps the GPTQ
+codes of every layer x format (``codes/<name>.safetensors``; measured again from the pre-pass Hessian
+for layers profiled without it), then makes one forward + backward pass per window and writes
+``WINDOWS_FILE`` into the work directory. Neither is in the manifest: a profile with or without it
+reuses the other's measurements.
+
 Unquantized formats (fp16/bf16) cost 0 under every proxy: their rounding error is ignored.
 
 **Memory.** The model, plus for every inventory layer two fp32 weight-sized accumulators (mean
@@ -60,6 +67,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -71,7 +79,9 @@ from automp.formats import Format
 from automp.model import Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
 from automp.quantize import GPTQConfig
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
+from automp.quantizers.qweight import QuantizedWeight
 from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, SensitivityTable
+from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts, load_codes, measure_windows, save_codes
 
 if TYPE_CHECKING:
     from automp.pipeline import Stopwatch
@@ -82,6 +92,7 @@ PREPASS_JSON = "prepass.json"  # written last: its presence marks a complete pre
 PREPASS_KINDS = ("hessians", "grads", "fisher", "output_fisher")
 PREPASS_VERSION = 2  # 2: output_fisher added; a work directory of another version starts afresh
 LAYERS_DIR = "layers"
+CODES_DIR = "codes"  # per layer, the GPTQ codes of every quantized format (only with per_window)
 
 
 def profile_model(
@@ -97,16 +108,20 @@ def profile_model(
     batch_size: int = 8,
     progress: bool = True,
     clock: Stopwatch | None = None,
+    per_window: bool = False,
 ) -> SensitivityTable:
     """Measure every inventory layer of ``model`` in every format; see the module docstring.
 
     ``calib``: (n, seqlen) calibration token windows; ``kl_windows``: (k, seqlen) windows for the
     optional KL measurement (a forward pass per layer x quantized format). ``batch_size`` is the
     number of windows per forward pass for KL (the pre-pass goes one window at a time). Without
-    ``work_dir`` a temporary one is used and removed.
+    ``work_dir`` a temporary one is used and removed. ``per_window`` also writes the per-window costs
+    to ``work_dir / WINDOWS_FILE`` (read them with ``WindowCosts.load``); it needs a ``work_dir``.
     """
     inv = inventory(model)
     _check_inputs(inv, formats, calib)
+    if per_window and work_dir is None:
+        raise AutompError("per-window costs are written to the work directory: give profile_model a work_dir")
     gptq = gptq or GPTQConfig()
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="automp-profile-") as tmp:
@@ -130,8 +145,16 @@ def profile_model(
             with stage("kl"):
                 probe = _KLProbe(model, kl_windows, batch_size)
         for layer in tqdm(todo, desc="profile layers", disable=not progress, leave=False):
-            record = _measure_layer(model, layer, formats, prepass, gptq, probe, stage)
+            codes = {} if per_window else None
+            record = _measure_layer(model, layer, formats, prepass, gptq, probe, stage, codes)
+            if codes is not None:  # before the layer's JSON: a finished layer always has its codes
+                save_codes(_codes_path(work, layer.name), codes)
             _write_atomic(_layer_path(work, layer.name), json.dumps(record, indent=1))
+        probe = None
+    if per_window and not (work / WINDOWS_FILE).is_file():
+        prepass = None  # the pre-pass accumulators are not needed any more: free them first
+        with stage("per_window"):
+            _profile_windows(model, inv, formats, calib, work, gptq, progress, model_name, calib_info)
     return _assemble(work, model, inv, formats, model_name, calib_info)
 
 
@@ -183,6 +206,10 @@ def _open_work_dir(work: Path, manifest: dict) -> None:
 
 def _layer_path(work: Path, name: str) -> Path:
     return work / LAYERS_DIR / f"{name}.json"
+
+
+def _codes_path(work: Path, name: str) -> Path:
+    return work / CODES_DIR / f"{name}.safetensors"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -364,8 +391,10 @@ def _measure_layer(
     gptq: GPTQConfig,
     probe: _KLProbe | None,
     stage,
+    codes: dict[str, QuantizedWeight] | None = None,
 ) -> dict:
-    """Statistics of one layer and its cost in every format, as JSON-ready dicts."""
+    """Statistics of one layer and its cost in every format, as JSON-ready dicts. ``codes``, when
+    given, receives the GPTQ result of every quantized format."""
     module = model.get_submodule(layer.name)
     weight = linear_weight(module).detach().float().clone()  # the KL probe swaps the live weight
     hessian = prepass.hessians[layer.name]
@@ -382,7 +411,10 @@ def _measure_layer(
             costs[fmt.name] = zero.model_dump()
             continue
         with stage("gptq"):
-            quantized = gptq_quantize(weight, hessian, fmt, **asdict(gptq)).dequantize()
+            qweight = gptq_quantize(weight, hessian, fmt, **asdict(gptq))
+            quantized = qweight.dequantize()
+        if codes is not None:
+            codes[fmt.name] = qweight
         error = (quantized - weight).double()
         squared = error * error
         kl = None
@@ -410,6 +442,38 @@ def _measure_layer(
         weight_absmean=wts["absmean"], weight_std=wts["std"], weight_max=wts["max"], weight_kurtosis=wts["kurtosis"],
     )  # fmt: skip
     return {"stats": stats.model_dump(), "costs": costs}
+
+
+# ---- per window ---------------------------------------------------------------------------------
+
+
+def _profile_windows(
+    model: nn.Module,
+    inv: Inventory,
+    formats: list[Format],
+    calib: torch.Tensor,
+    work: Path,
+    gptq: GPTQConfig,
+    progress: bool,
+    model_name: str,
+    calib_info: CalibInfo,
+) -> None:
+    """Write ``work / WINDOWS_FILE`` from the codes the table was measured with (GPTQ again where missing)."""
+    device = _device(model)
+    codes = {}
+    for layer in inv.layers:
+        path = _codes_path(work, layer.name)
+        if not path.is_file():  # profiled without per_window: GPTQ is deterministic given the same Hessian
+            with safe_open(work / PREPASS_TENSORS, framework="pt", device=str(device)) as f:
+                hessian = f.get_tensor(f"{layer.name}:hessians")
+            weight = linear_weight(model.get_submodule(layer.name)).detach().float().clone()
+            quantized = [fmt for fmt in formats if fmt.quantized]
+            save_codes(path, {fmt.name: gptq_quantize(weight, hessian, fmt, **asdict(gptq)) for fmt in quantized})
+        codes[layer.name] = load_codes(path, device)
+    tensors = measure_windows(model, inv.layers, formats, calib, codes, progress)
+    names, format_names = [layer.name for layer in inv.layers], [fmt.name for fmt in formats]
+    costs = WindowCosts(model=model_name, layers=names, formats=format_names, calib=calib_info, **tensors)
+    costs.save(work / WINDOWS_FILE)
 
 
 # ---- the table ----------------------------------------------------------------------------------
