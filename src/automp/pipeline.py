@@ -397,11 +397,13 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
         if (cached.parent / WINDOWS_FILE).is_file():
             shutil.copyfile(cached.parent / WINDOWS_FILE, staging / WINDOWS_FILE)
         table = SensitivityTable.load(staging / TABLE_FILE)
-        with clock.stage("load"):
-            model, tokenizer = _load(settings)
-            seqlen = window_length(model, settings.seqlen)
-            calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
-            held_out = _verification_windows(settings, tokenizer, seqlen) if _measures(settings) else None
+        model = calib = held_out = None  # loaded only when something measures real quality
+        if _measures(settings):
+            with clock.stage("load"):
+                model, tokenizer = _load(settings)
+                seqlen = window_length(model, settings.seqlen)
+                calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
+                held_out = _verification_windows(settings, tokenizer, seqlen)
         # the options both commands share; `method` is run's final quantizer, `eval` its reported text
         shared = set(SearchSettings.model_fields) & set(RunSettings.model_fields)
         shared -= {"out", "method", "eval", "formats"}

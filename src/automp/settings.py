@@ -91,7 +91,7 @@ class SearchSettings(BudgetSettings):
     profile: Path  # the directory (or file) `automp profile` wrote the sensitivity table to
     frontier: str | None = None  # "lo:hi:step": the predicted loss at each target instead
     solver: str = "knapsack"
-    proxy: str = "hessian"
+    proxy: str = "outgrad"  # the loss-unit output-gradient proxy: it won on held-out text (README)
     formats: str | None = None  # comma-separated subset of the profiled formats; default all
     pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
     tie_fused: bool = False
@@ -133,7 +133,7 @@ class RunSettings(ModelSettings, BudgetSettings):
 
     out: Path
     solver: str = "knapsack"
-    proxy: str = "hessian"  # the search's proxy; verification measures every profiled proxy's knapsack too
+    proxy: str = "outgrad"  # chosen on held-out text (README); verification also measures every other proxy's knapsack
     formats: str = "w2g64,w3g128,w4g128,w8,fp16"  # profiled, and the formats the search may choose
     pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
     tie_fused: bool = False
