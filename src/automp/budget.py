@@ -89,10 +89,14 @@ class Budget:
             return self.target_size
         if self.fit_memory is None:
             return None
+        return self.fit_memory - self.kv_cache_bytes(config) - self.overhead
+
+    def kv_cache_bytes(self, config) -> int:
+        """``fit_memory``'s KV cache at ``context`` (default: the model's maximum positions) x ``batch``."""
         context = self.context or getattr(config, "max_position_embeddings", None)
         if not context:
             raise AutompError("--fit-memory needs --context: the model's config states no maximum positions")
-        return self.fit_memory - kv_cache_bytes(config, context, self.batch) - self.overhead
+        return kv_cache_bytes(config, context, self.batch)
 
     def average_bits(self, weight_count: int, dense_bytes: int, layers: int, config=None) -> float:
         """The average stored bits per allocated weight this budget allows."""
@@ -113,8 +117,7 @@ class Budget:
         if self.target_bits is None:
             stated["model_bytes"] = self.model_bytes(config)
         if self.fit_memory is not None:
-            context = self.context or getattr(config, "max_position_embeddings", None)
-            stated["kv_cache_bytes"] = kv_cache_bytes(config, context, self.batch)
+            stated["kv_cache_bytes"] = self.kv_cache_bytes(config)
         return stated
 
 

@@ -58,26 +58,20 @@ def build_evaluator(settings, problem: Problem, windows: torch.Tensor | None = N
 
     table = problem.table
     calib_spec = settings.calib or table.calib.spec
-    if windows is not None:
-        model, tokenizer = load_model(settings.model or table.model)
-        return _evaluator(settings, problem, model, tokenizer, windows, calib_spec)
-    if settings.eval is None:
-        raise AutompError(
-            f"--solver {settings.solver} / --verify / --refine measure real quality: give --eval TEXT (held out)"
-        )
-    for spec in {*sources(table.calib.spec), *sources(calib_spec)}:
-        if any(_same_text(text, spec) for text in sources(settings.eval)):
-            raise AutompError(f"--eval {settings.eval} is the calibration text; evaluate on held-out text")
-    if settings.eval_windows < 1:
-        raise AutompError("--eval-windows must be at least 1")
+    if windows is None:  # held-out text given as --eval: check it is not calibration text
+        if settings.eval is None:
+            raise AutompError(
+                f"--solver {settings.solver} / --verify / --refine measure real quality: give --eval TEXT (held out)"
+            )
+        for spec in {*sources(table.calib.spec), *sources(calib_spec)}:
+            if any(_same_text(text, spec) for text in sources(settings.eval)):
+                raise AutompError(f"--eval {settings.eval} is the calibration text; evaluate on held-out text")
+        if settings.eval_windows < 1:
+            raise AutompError("--eval-windows must be at least 1")
     model, tokenizer = load_model(settings.model or table.model)
-    seqlen = settings.seqlen or table.calib.seqlen
-    windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
-    return _evaluator(settings, problem, model, tokenizer, windows, calib_spec)
-
-
-def _evaluator(settings, problem: Problem, model, tokenizer, windows: torch.Tensor, calib_spec: str):
-    table = problem.table
+    if windows is None:
+        seqlen = settings.seqlen or table.calib.seqlen
+        windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
     calib = None
     if settings.method == "gptq":
         nsamples = settings.nsamples if settings.calib else table.calib.nsamples
