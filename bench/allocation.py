@@ -21,6 +21,8 @@ scales counted). Per-channel w2 (about 2.03 bits) is profiled too, so 2.25 bits 
   knapsack, uniform and the uniform mix, each GPTQ-quantized and measured on 32 windows of the
   calibration text that no calibration window touches (``automp run``'s default verification text).
   "changed" marks the targets where verification delivered something else than the search's answer.
+  The selection table checks, split-half on the verification windows only, how well picking the lowest
+  mean generalises against keeping the search's own unless beaten by more than ``TIE_SE`` SE.
 * ``--bootstrap N``: each target's knapsack (``--run-proxy``) re-solved on N resamples of the
   calibration windows: each layer's format stability and the predicted loss's 95 % interval.
 
@@ -66,6 +68,7 @@ HELD_OUT = "corpus/wikipedia/enwiki2015_AD_wiki_93.txt"  # a shard bench-a never
 IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # another unseen one: in-domain test text
 KL_WINDOWS = 8  # the first held-out windows measure the profile's KL proxy, the next ones the solvers
 RL_TARGET, RL_FORMATS = 4.125, ["w3g128", "w4g128", "w8"]
+TIE_SE = 2.0  # the alternative selection rule the split-half table tests: keep the search's own within this many SE
 
 
 def main() -> None:
@@ -169,10 +172,10 @@ def main() -> None:
         info = {"solver": "delivered", "proxy": record.delivered, "seconds": timer.seconds}
         info |= {"evaluations": len(record.candidates) + (record.refine or {}).get("evaluations", 0)}
         info["changed"] = record.delivered != record.candidates[0].label
-        info["verification"] = record.summary()
+        info["verification"] = record.model_dump(exclude={"candidates": {"__all__": {"formats"}}})
         return record.allocation, info
 
-    rows, proxy_rows, selected_proxy, stability_rows = [], [], {}, []
+    rows, proxy_rows, selected_proxy, stability_rows, selection_rows = [], [], {}, [], []
     for target in [float(t) for t in args.targets.split(",")]:
         scheme = TARGETS[target]
         uniform = evaluate(f"{target}/uniform", Allocation.uniform(inv, scheme), {"solver": f"uniform {scheme}"})
@@ -198,6 +201,8 @@ def main() -> None:
             group.append(evaluate(key, *(solve(solver, problem, **options) if cache.get(key) is None else (None, {}))))
         key = f"{target}/delivered-{args.run_proxy}"
         group.append(evaluate(key, *(deliver(target) if cache.get(key) is None else (None, {}))))
+        if "window_nll" in group[-1]["verification"]["candidates"][0]:
+            selection_rows.append({"target_bits": target, **selection_regret(group[-1]["verification"])})
         if args.bootstrap:
             found = bootstrap(Problem(table, proxy=args.run_proxy, target_bits=target), windows_costs, args.bootstrap)
             stability_rows.append({"target_bits": target, **found.summary()})
@@ -250,9 +255,20 @@ def main() -> None:
         "curves": {row["key"]: row["curve"] for row in rows if "curve" in row},
         "heldout_ppl_by_proxy": proxy_rows,
         "verification": {row["key"]: row["verification"] for row in rows if "verification" in row},
+        "selection": selection_rows,
         "bootstrap": stability_rows,
     }
     table_md = markdown_table(rows, columns)
+    if selection_rows:
+        table_md += (
+            "\n\nSelection among the verified mixed candidates, split-half on the verification windows: pick on "
+            "one half, score on the other; regret is the picked candidate's mean NLL minus the best one's on the "
+            "scoring half (1e-4 nats per token, mean over 2000 random splits):\n\n"
+        )
+        table_md += markdown_table(selection_rows, [
+            ("target_bits", "target", ".3f"), ("lowest", "lowest NLL", ".2f"),
+            ("tie_rule", f"search's own unless beaten by > {TIE_SE:g} SE", ".2f"), ("own", "search's own", ".2f"),
+        ])  # fmt: skip
     proxy_columns = [("target_bits", "target", ".3f"), ("uniform", "uniform", ".3f")]
     table_md += "\n\nHeld-out PPL of the knapsack allocation under each proxy (the lowest is selected):\n\n"
     table_md += markdown_table(proxy_rows, proxy_columns + [(p, f"knapsack ({p})", ".3f") for p in PROXIES])
@@ -284,6 +300,27 @@ def _versus(group: list[dict], uniform: dict) -> list[dict]:
         row["delta_ratio"] = row["delta_ppl_pct"] / uniform["delta_ppl_pct"] if uniform["delta_ppl_pct"] else math.nan
         row["label"] = row["solver"] + (f" ({row['proxy']})" if row.get("proxy") else "")
     return group
+
+
+def selection_regret(verification: dict, splits: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How well each rule for picking among the mixed candidates generalises to unseen windows: pick on a
+    random half of the verification windows, score on the other half (no test text involved)."""
+    mixed = [c for c in verification["candidates"] if c["kind"] == "mixed"]
+    nll = np.array([c["window_nll"] for c in mixed])  # (candidates, windows)
+    own = 0 if verification["candidates"][0]["kind"] == "mixed" else None
+    rng, half = np.random.default_rng(seed), nll.shape[1] // 2
+    regret = {"lowest": [], "tie_rule": [], "own": []}
+    for _ in range(splits):
+        order = rng.permutation(nll.shape[1])
+        pick, score = nll[:, order[:half]], nll[:, order[half:]].mean(axis=1)
+        lowest = tie = int(pick.mean(axis=1).argmin())
+        if own is not None and lowest != own:
+            lead = pick[own] - pick[lowest]
+            if lead.mean() <= TIE_SE * lead.std(ddof=1) / math.sqrt(half):
+                tie = own
+        for rule, j in (("lowest", lowest), ("tie_rule", tie), ("own", own if own is not None else lowest)):
+            regret[rule].append((score[j] - score.min()) * 1e4)
+    return {rule: float(np.mean(values)) for rule, values in regret.items()}
 
 
 def _nll(row: dict, key: str = "nll") -> Perplexity:

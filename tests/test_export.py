@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from automp import Allocation, AutompError, quantize_
 from automp.checkpoint import save_quantized
 from automp.cli import app
 from automp.export import RunDir
+from automp.export.run_dir import SETTINGS_FILE
 from automp.export.vllm_support import vllm_warnings
 from automp.pipeline import export
 from automp.settings import ExportSettings
@@ -111,6 +113,7 @@ def test_cli_prints_warnings_to_stderr_and_json(mixed, tmp_path):
     quiet = CliRunner().invoke(app, ["export", "--run", str(root / "run"), "--format", "gptq-dynamic", "--engine",
                                      "transformers", "--out", str(tmp_path / "g"), "--json"])  # fmt: skip
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+    assert printed["engine"] == "vllm" and json.loads(quiet.stdout.strip().splitlines()[-1])["engine"] == "gptqmodel"
 
 
 def test_gguf_map_types_per_tensor(mixed, tmp_path):
@@ -125,10 +128,13 @@ def test_gguf_map_types_per_tensor(mixed, tmp_path):
         "blk.1.attn_v.weight": "Q4_K", "blk.1.attn_output.weight": "F16", "blk.1.ffn_gate.weight": "Q2_K",
         "blk.1.ffn_up.weight": "Q4_K", "blk.1.ffn_down.weight": "Q8_0",
     }  # fmt: skip
-    lines = (tmp_path / "gguf" / "tensor_types.txt").read_text().splitlines()
+    lines = (tmp_path / "gguf" / "tensor_types.args").read_text().splitlines()
     assert lines[:2] == ["--token-embedding-type F16", "--output-tensor-type F16"]
-    assert "--tensor-type blk.1.attn_q.weight=Q4_0" in lines and len(lines) == 2 + 14
+    assert "--tensor-type blk.1.attn_q.weight=Q4_0" in lines
+    overrides = (tmp_path / "gguf" / "tensor_types.txt").read_text().split()
+    assert "blk.1.attn_q.weight=Q4_0" in overrides and all(line.count("=") == 1 for line in overrides)
     assert report["base_type"] == "Q4_K" and mapping["gguf_bits_per_type"]["Q3_K"] == 3.4375
+    assert report["engine"] == "llama.cpp" and report["loaders"] == ["llama.cpp"]
     weights = {row["tensor"]: row["numel"] for row in mapping["tensors"]}
     assert report["avg_bits_gguf"] == pytest.approx(
         sum(mapping["gguf_bits_per_type"][types[t]] * n for t, n in weights.items()) / sum(weights.values())
@@ -140,9 +146,10 @@ def test_gguf_map_types_per_tensor(mixed, tmp_path):
 
 def test_gptq_dynamic_overrides(mixed, tmp_path):
     root = mixed[0]
-    export(ExportSettings(run=root / "run", format="gptq-dynamic", out=tmp_path / "gptq"))
+    report = export(ExportSettings(run=root / "run", format="gptq-dynamic", out=tmp_path / "gptq"))
     config = json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
     assert (config["bits"], config["group_size"], config["sym"]) == (4, 128, True)  # the most weights
+    assert report["engine"] == "gptqmodel" and (config["desc_act"], config["static_groups"]) == (False, False)
     dynamic = config["dynamic"]
 
     def override(name: str) -> dict | None:  # GPTQModel's rule: the first key that re.match-es wins
@@ -158,7 +165,18 @@ def test_gptq_dynamic_overrides(mixed, tmp_path):
     assert override("model.layers.1.self_attn.o_proj") == {"skip": True}
     assert override("model.layers.1.mlp.down_proj") == {"bits": 8, "group_size": 32, "sym": False}
     assert override("model.layers.10.mlp.down_proj") is None  # keys are anchored: layers.1 is not layers.10
-    assert len(dynamic) == 14 - 5  # all but the five w4g128 layers
+    assert override("xmodel.layers.1.mlp.down_proj") is None and all(key[2] == "^" for key in dynamic)
+    # vLLM's fused gate/up module of block 0 (both w4g64a); block 1's fused groups mix formats
+    assert override("model.layers.0.mlp.gate_up_proj") == {"bits": 4, "group_size": 64, "sym": False}
+    assert override("model.layers.1.mlp.gate_up_proj") is None and override("model.layers.1.self_attn.qkv_proj") is None
+    assert len(dynamic) == 14 - 5 + 1  # all but the five w4g128 layers, and the fused alias
+
+    shutil.copytree(root / "run", tmp_path / "act-order")  # a GPTQ run with act-order (static groups)
+    (tmp_path / "act-order" / SETTINGS_FILE).write_text(json.dumps({"method": "gptq", "act_order": True}))
+    export(ExportSettings(run=tmp_path / "act-order", format="gptq-dynamic", out=tmp_path / "gptq-ao"))
+    config = json.loads((tmp_path / "gptq-ao" / "quantize_config.json").read_text())
+    assert (config["desc_act"], config["static_groups"]) == (True, True)  # top level, where GPTQModel reads them
+    assert "static_groups" not in config["meta"]
 
 
 def test_unsupported_format_is_one_clear_error_and_no_output(tmp_path, tokenizer):

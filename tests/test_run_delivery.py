@@ -156,3 +156,46 @@ def test_verify_text_must_be_neither_eval_nor_calibration_text(trained_dir, tmp_
         result, _ = _run(*_args(trained_dir, tmp_path / "out", *flags))
         assert result.exit_code == 2 and message in result.output, result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_engine_llamacpp_runs_gguf_types_and_exports_the_measured_weights(trained_dir, tmp_path):
+    """--engine llama.cpp profiles, searches and delivers GGUF types only (the tiny model's rows of 64/128 fit
+    the 32-blocks), and the .gguf export holds exactly the blocks the run measured."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from automp.export import RunDir
+
+    out = tmp_path / "run"
+    args = _args(trained_dir, out, "--engine", "llama.cpp", "--target-bits", "6", formats="q4_0,iq4_nl,q8_0,fp16")
+    result, metrics = _run(*args)
+    assert result.exit_code == 0, result.output
+    formats = json.loads((out / "automp_quant.json").read_text())["formats"]
+    assert set(formats.values()) <= {"q4_0", "iq4_nl", "q8_0", "fp16"} and metrics["avg_bits"] <= 6
+    assert len(set(formats.values())) > 1  # 6 bits lies between the 4.5-bit types and q8_0's 8.5
+    exported, _ = _run("export", "--run", out, "--format", "gguf", "--out", tmp_path / "gguf", "--json")
+    assert exported.exit_code == 0, exported.output
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "gguf" / "model.gguf").tensors}
+    stored = RunDir.open(out).quantized_weights()
+    names = {
+        "mlp.down_proj": "ffn_down",
+        "mlp.up_proj": "ffn_up",
+        "mlp.gate_proj": "ffn_gate",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+    }  # not permuted (only q/k rows are): compared directly
+    compared = 0
+    for block in range(2):
+        for hf, gguf_name in names.items():
+            if (layer := f"model.layers.{block}.{hf}") in stored:
+                tensor = tensors[f"blk.{block}.{gguf_name}.weight"]
+                assert tensor.tensor_type.name == stored[layer].fmt.ggml_type
+                assert (dequantize(tensor.data, tensor.tensor_type) == stored[layer].dequantize().numpy()).all()
+                compared += 1
+    assert compared >= 3
+
+
+def test_engine_llamacpp_refuses_formats_it_cannot_store(trained_dir, tmp_path):
+    result, _ = _run(*_args(trained_dir, tmp_path / "x", "--engine", "llama.cpp", "--target-bits", "4"))
+    assert result.exit_code != 0 and "w2g64" in result.output and "GGUF" in result.output
+    assert not (tmp_path / "x").exists()

@@ -19,7 +19,7 @@ from torch import nn
 from automp.allocation import Allocation
 from automp.errors import AutompError
 from automp.model import check_finite, set_linear_weight
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.qweight import QWeight, load_qweight
 
 QUANT_FILE = "automp_quant.json"
 QUANT_TENSORS = "quantized.safetensors"
@@ -50,14 +50,14 @@ def payload_bytes(path: Path) -> int:
     return Path(path).stat().st_size - 8 - header
 
 
-def model_bytes(model: nn.Module, qweights: dict[str, QuantizedWeight]) -> int:
+def model_bytes(model: nn.Module, qweights: dict[str, QWeight]) -> int:
     """Bytes of the model as stored: packed quantized layers plus every other tensor in 16-bit."""
     dense = _dense_tensors(model, set(qweights))
     return sum(q.stored_bytes() for q in qweights.values()) + sum(t.numel() * t.element_size() for t in dense.values())
 
 
 def save_quantized(
-    out_dir: Path, model: nn.Module, tokenizer, allocation: Allocation, qweights: dict[str, QuantizedWeight]
+    out_dir: Path, model: nn.Module, tokenizer, allocation: Allocation, qweights: dict[str, QWeight]
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)
@@ -65,7 +65,7 @@ def save_quantized(
     allocation.save(out_dir / QUANT_FILE)
     packed = {f"{name}.{key}": t for name, q in qweights.items() for key, t in q.state_dict().items()}
     shapes = {name: json.dumps(q.shape) for name, q in qweights.items()}  # header metadata, not payload
-    save_file(packed, out_dir / QUANT_TENSORS, metadata=shapes)
+    save_file(packed, out_dir / QUANT_TENSORS, metadata=shapes or None)  # an empty header map is unreadable
     save_file(_dense_tensors(model, set(qweights)), out_dir / DENSE_TENSORS)
 
 
@@ -89,9 +89,7 @@ def load_quantized(path: Path, dtype: torch.dtype) -> nn.Module:
         tensors = {k.removeprefix(name + "."): v for k, v in packed.items() if k.startswith(name + ".")}
         if not tensors or name not in shapes:
             raise AutompError(f"corrupt automp checkpoint in {path}: no packed tensors for {name}")
-        set_linear_weight(
-            model.get_submodule(name), QuantizedWeight.from_state_dict(fmt, shapes[name], tensors).dequantize()
-        )
+        set_linear_weight(model.get_submodule(name), load_qweight(fmt, shapes[name], tensors).dequantize())
         missing = [m for m in missing if m != name + ".weight"]
     if unexpected or set(missing) - tied:
         raise AutompError(f"corrupt automp checkpoint in {path}: missing {missing[:3]}, unexpected {unexpected[:3]}")

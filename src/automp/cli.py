@@ -70,7 +70,10 @@ OverheadOpt = Annotated[
 ]
 EngineOpt = Annotated[
     str | None,
-    typer.Option("--engine", help="transformers (any format) or vllm (only formats its kernels serve; fused tied)."),
+    typer.Option(
+        "--engine",
+        help="transformers (any format), vllm (only formats its kernels serve; fused tied) or llama.cpp (GGUF types).",
+    ),
 ]
 MaxEvalsOpt = Annotated[
     int | None, typer.Option("--max-evals", help="Evaluations for --refine, anneal and verification's refinement.")
@@ -235,7 +238,10 @@ def _eval_summary(result: dict) -> str:
 def profile(
     ctx: typer.Context,
     model: ModelOpt = None,
-    formats: Annotated[str | None, typer.Option(help="Formats to measure, e.g. w2g64,w3g128,w4g128,w8,fp16.")] = None,
+    formats: Annotated[
+        str | None, typer.Option(help="Formats to measure, e.g. w2g64,w3g128,w4g128,w8,fp16 or q2_k,q4_k,q6_k,fp16.")
+    ] = None,
+    engine: EngineOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output directory for sensitivity.json.")] = None,
     calib: CalibOpt = None,
     nsamples: NsamplesOpt = None,
@@ -428,14 +434,23 @@ def export(
     ctx: typer.Context,
     run: Annotated[Path | None, typer.Option("--run", help="automp output directory (quantize or run).")] = None,
     format: Annotated[
-        str | None, typer.Option("--format", help="compressed-tensors, gguf-map or gptq-dynamic.")
+        str | None,
+        typer.Option(
+            "--format",
+            help="compressed-tensors (vLLM/transformers) or gptq (GPTQModel/vLLM): checkpoints of automp's own "
+            "weights; gguf (llama.cpp, GGUF-format runs); gguf-map or gptq-dynamic: recipes for llama.cpp/GPTQModel.",
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
-    engine: Annotated[str | None, typer.Option(help="vllm (warn about what it cannot serve) or transformers.")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="vllm (warn about what it cannot serve) or transformers; compressed-tensors and gptq."),
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export a quantized run for vLLM/transformers (compressed-tensors), llama.cpp or GPTQModel."""
+    """Export a quantized run for vLLM/transformers (compressed-tensors), GPTQModel/vLLM (gptq), llama.cpp
+    (gguf, gguf-map) or a GPTQModel recipe (gptq-dynamic)."""
     flags = _flags(ctx, locals())
     from automp.pipeline import export as run_export
 

@@ -2,9 +2,10 @@
 
 Names: ``w{2,3,4,8}`` per output channel, ``w{b}g{32,64,128}`` group-wise, an ``a`` suffix for
 asymmetric (``w4g128a``), ``nf4g{32,64,128}`` (QLoRA NormalFloat codebook), ``fp4g{32,64,128}``
-(e2m1 codebook) and ``fp16``/``bf16`` (left unquantized).
+(e2m1 codebook), ``fp16``/``bf16`` (left unquantized), and llama.cpp's GGUF tensor types ``q2_k``,
+``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``, ``q8_0``, ``q4_0`` and ``iq4_nl`` (any case: ``Q4_K`` parses too).
 
-Every quantized format stores unsigned ``bits``-bit codes, one fp16 scale per group and, when
+Every automp format (int, nf4, fp4) stores unsigned ``bits``-bit codes, one fp16 scale per group and, when
 asymmetric, one ``bits``-bit zero-point per group. Dequantization is
 
 * integer: ``(code - zero) * scale`` (symmetric formats use the fixed zero ``2**(bits-1)``),
@@ -12,6 +13,12 @@ asymmetric, one ``bits``-bit zero-point per group. Dequantization is
 
 Scales are rounded to fp16 *before* encoding, so the stored tensors decode to exactly the values
 the quantizers evaluated.
+
+GGUF formats (``kind="gguf"``) store llama.cpp's blocks byte for byte (``quantizers/gguf_weight.py``):
+``block_size`` weights of a row per block of ``type_size`` bytes (gguf-py's ``GGML_QUANT_SIZES``), 256 for
+the K-quants and 32 for the others, so a row's length must be a multiple of the block. ``bits`` is the
+nominal code width and ``group_size`` the sub-block the scales apply to (16 for Q2_K/Q3_K/Q6_K, 32 for
+the others): the unit GPTQ and AWQ iterate over. Stored bits per weight are exact (Q4_K: 4.5).
 """
 
 from __future__ import annotations
@@ -38,6 +45,18 @@ NF4_LEVELS = (
 # FP4 e2m1 magnitudes; code = sign bit * 8 + magnitude index (OCP MX layout).
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
+# GGUF type (lower case) -> (nominal code bits, sub-block length its scales apply to)
+GGUF_TYPES = {
+    "q2_k": (2, 16), "q3_k": (3, 16), "q4_k": (4, 32), "q5_k": (5, 32), "q6_k": (6, 16),
+    "q8_0": (8, 32), "q4_0": (4, 32), "iq4_nl": (4, 32),
+}  # fmt: skip
+# What llama-quantize stores instead when a row is not a multiple of the block (src/llama-quant.cpp,
+# tensor_type_fallback); 32-block types, and fallbacks that do not fit either, become F16.
+GGUF_FALLBACK = {"q2_k": "Q4_0", "q3_k": "Q4_0", "q4_k": "Q5_0", "q5_k": "Q5_1", "q6_k": "Q8_0"}
+GGUF_FALLBACK_BLOCK = 32  # every fallback above is a 32-block type
+# Formats with mins (value = d * code - m) rather than a symmetric grid.
+GGUF_AFFINE = ("q2_k", "q4_k", "q5_k")
+
 _NAME = re.compile(r"^(?:w(?P<bits>\d+)(?:g(?P<g>\d+))?(?P<asym>a)?|(?P<cb>nf4|fp4)g(?P<cbg>\d+))$")
 
 
@@ -46,7 +65,7 @@ class Format:
     """One weight format. ``group_size=None`` means one group per output row (per-channel)."""
 
     name: str
-    kind: str  # "int", "nf4", "fp4" or "float"
+    kind: str  # "int", "nf4", "fp4", "float" or "gguf"
     bits: int
     group_size: int | None = None
     symmetric: bool = True
@@ -59,12 +78,45 @@ class Format:
         """The group length along the input dimension for a layer with ``in_features`` inputs."""
         return self.group_size or in_features
 
+    @property
+    def ggml_type(self) -> str | None:
+        """The GGML tensor type name ("Q4_K", "F16", ...); None for automp's own int/nf4/fp4 formats."""
+        if self.kind == "gguf":
+            return self.name.upper()
+        return {"fp16": "F16", "bf16": "BF16"}.get(self.name)
+
+    @property
+    def block_size(self) -> int:
+        """Weights per GGUF block along a row (gguf formats only)."""
+        return _gguf_sizes(self.ggml_type)[0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per GGUF block (gguf formats only)."""
+        return _gguf_sizes(self.ggml_type)[1]
+
     def check_shape(self, out_features: int, in_features: int) -> None:
-        if self.quantized and in_features % self.group(in_features):
+        if self.kind == "gguf":
+            self._check_gguf_row(in_features)
+        elif self.quantized and in_features % self.group(in_features):
             raise AutompError(
                 f"format {self.name}: input dimension {in_features} is not divisible by the "
                 f"group size {self.group_size}; choose a group size that divides it or a per-channel format"
             )
+
+    def _check_gguf_row(self, in_features: int) -> None:
+        if in_features % self.block_size == 0:
+            return
+        fallback = GGUF_FALLBACK.get(self.name)
+        if fallback is None or in_features % GGUF_FALLBACK_BLOCK:
+            fallback = "F16"
+        fits_32 = in_features % GGUF_FALLBACK_BLOCK == 0
+        advice = "q8_0, q4_0 or iq4_nl (blocks of 32) or fp16" if fits_32 else "fp16 or a per-channel automp format"
+        raise AutompError(
+            f"format {self.name}: row length {in_features} is not a multiple of {self.ggml_type}'s block of "
+            f"{self.block_size} weights; llama.cpp's llama-quantize would store this tensor as {fallback} instead. "
+            f"Choose {advice} for this layer"
+        )
 
     def check_weight(self, weight: torch.Tensor) -> None:
         """Shape divisible by the group size, and every value finite."""
@@ -77,6 +129,8 @@ class Format:
         if not self.quantized:
             return self.bits * out_features * in_features
         self.check_shape(out_features, in_features)
+        if self.kind == "gguf":
+            return out_features * (in_features // self.block_size) * self.type_size * 8
         groups = out_features * (in_features // self.group(in_features))
         zero_bits = 0 if self.symmetric else self.bits
         return self.bits * out_features * in_features + groups * (SCALE_BITS + zero_bits)
@@ -101,11 +155,23 @@ def _codebook(kind: str) -> torch.Tensor | None:
 
 
 @cache
+def _gguf_sizes(ggml_type: str | None) -> tuple[int, int]:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if ggml_type is None or ggml_type.lower() not in GGUF_TYPES:
+        raise AutompError(f"{ggml_type} is not a GGUF quantized format")
+    return GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+
+
+@cache
 def get_format(name: str) -> Format:
     """Parse a format name; raises AutompError listing the valid names."""
     key = name.strip().lower()
     if key in ("fp16", "bf16"):
         return Format(key, "float", 16)
+    if key in GGUF_TYPES:
+        bits, sub_block = GGUF_TYPES[key]
+        return Format(key, "gguf", bits, sub_block, symmetric=key not in GGUF_AFFINE)
     m = _NAME.match(key)
     if m and m["cb"]:
         group = int(m["cbg"])
@@ -117,7 +183,8 @@ def get_format(name: str) -> Format:
             return Format(key, "int", bits, group, symmetric=not m["asym"])
     raise AutompError(
         f"unknown format {name!r}: use w{{2,3,4,8}} (per-channel), w{{b}}g{{32,64,128}} (group-wise), "
-        "an 'a' suffix for asymmetric (w4g128a), nf4g64, fp4g32, fp16 or bf16"
+        "an 'a' suffix for asymmetric (w4g128a), nf4g64, fp4g32, fp16, bf16, or a GGUF (llama.cpp) type: "
+        "q2_k, q3_k, q4_k, q5_k, q6_k, q8_0, q4_0, iq4_nl"
     )
 
 

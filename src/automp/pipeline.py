@@ -31,7 +31,7 @@ from automp.io import check_output, staged_output, write_file_atomic  # also imp
 from automp.lm_eval_backend import evaluate_tasks_lm_eval
 from automp.model import inventory, lm_head_name, load_model, max_positions, resolve_device
 from automp.quantize import GPTQConfig, quantize_
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.qweight import QWeight
 from automp.search.problem import Problem
 from automp.sensitivity.table import SensitivityTable
 from automp.settings import (
@@ -107,7 +107,7 @@ class Quantized:
     model: nn.Module
     tokenizer: Any
     allocation: Allocation
-    qweights: dict[str, QuantizedWeight]
+    qweights: dict[str, QWeight]
     metrics: dict
 
 
@@ -306,11 +306,20 @@ def search_problem(settings: SearchSettings, table: SensitivityTable) -> Problem
 
 
 def engine_formats(formats: str, engine: str) -> tuple[list[str], list[str]]:
-    """The formats an engine serves among ``formats`` (kept, dropped); every format for transformers."""
+    """The formats an engine serves among ``formats`` (kept, dropped): every format for transformers,
+    GGUF types and 16-bit for llama.cpp, what vLLM's kernels take for vllm."""
     from automp.export.vllm_support import servable_format
     from automp.formats import parse_formats
 
     parsed = parse_formats(formats)
+    if engine == "llama.cpp":
+        kept = [f.name for f in parsed if f.ggml_type is not None]
+        if not any(get_format(name).quantized for name in kept):
+            raise AutompError(
+                f"--engine llama.cpp stores none of the formats {formats}: profile GGUF types "
+                "(q2_k, q3_k, q4_k, q5_k, q6_k, q8_0, q4_0, iq4_nl) with --engine llama.cpp"
+            )
+        return kept, [f.name for f in parsed if f.ggml_type is None]
     if engine != "vllm":
         return [f.name for f in parsed], []
     kept = [f.name for f in parsed if servable_format(f)]
@@ -342,7 +351,7 @@ def export(settings: ExportSettings) -> dict:
     with staged_output(settings.out) as staging:
         with clock.stage("export"):
             report = export_run(run, settings.format, staging, settings.engine)
-        report = {"format": settings.format, "engine": settings.engine, "out": str(settings.out), **report}
+        report = {"format": settings.format, "out": str(settings.out), **report}  # report names its engine
         report.update(seconds=clock.total, stage_seconds=clock.seconds)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=1))
     return report

@@ -21,7 +21,7 @@ from automp.errors import AutompError
 from automp.model import decoder_blocks, inventory, linear_weight, lm_head_name, set_linear_weight
 from automp.quantizers.awq import awq_scale_block
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.qweight import QWeight
 from automp.quantizers.rtn import rtn_quantize
 
 METHODS = ("rtn", "gptq", "awq")
@@ -54,7 +54,7 @@ def quantize_(
     awq: AWQConfig | None = None,
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[str, QuantizedWeight]:
+) -> dict[str, QWeight]:
     """Quantize every layer whose allocated format is quantized; returns the stored weights by name.
 
     The model's weights are replaced by their dequantized values and every other float32 tensor is
@@ -73,7 +73,7 @@ def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
             param.data.copy_(param.data.half().float())
 
 
-def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress) -> dict[str, QuantizedWeight]:
+def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress) -> dict[str, QWeight]:
     if method not in METHODS:
         raise AutompError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     inv = inventory(model, include_lm_head=lm_head_name(model) in allocation.formats)
@@ -90,7 +90,7 @@ def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, pr
         set_linear_weight(module, qweight.dequantize())
         out[name] = qweight
 
-    out: dict[str, QuantizedWeight] = {}
+    out: dict[str, QWeight] = {}
     if method == "rtn":
         for name in tqdm(todo, desc="rtn", disable=not progress, leave=False):
             quantize_layer(name, None)

@@ -7,10 +7,31 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from automp.errors import AutompError
 from automp.formats import get_format, parse_formats
+
+Engine = Literal["transformers", "vllm", "llama.cpp"]
+DEFAULT_FORMATS = {  # what profile and run measure when --formats is not given
+    "transformers": "w2g64,w3g128,w4g128,w8,fp16",
+    "vllm": "w2g64,w3g128,w4g128,w8,fp16",
+    "llama.cpp": "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0,fp16",
+}
+
+
+def _with_engine_formats(settings):
+    """Fill in the engine's default formats; llama.cpp runs GGUF types (and 16-bit) only."""
+    if settings.formats is None:
+        settings.formats = DEFAULT_FORMATS[settings.engine]
+    elif settings.engine == "llama.cpp":
+        foreign = [fmt.name for fmt in parse_formats(settings.formats) if fmt.ggml_type is None]
+        if foreign:
+            raise ValueError(
+                f"--engine llama.cpp stores GGUF types only; {', '.join(foreign)} is not one: use q2_k, q3_k, "
+                "q4_k, q5_k, q6_k, q8_0, q4_0, iq4_nl, fp16 or bf16"
+            )
+    return settings
 
 
 class ModelSettings(BaseModel):
@@ -55,7 +76,8 @@ class ProfileSettings(ModelSettings):
     """``automp profile``: the sensitivity table of every layer x format, written to ``out``."""
 
     out: Path
-    formats: str = "w2g64,w3g128,w4g128,w8,fp16"
+    engine: Engine = "transformers"  # llama.cpp: GGUF types by default
+    formats: str | None = None  # default: DEFAULT_FORMATS[engine]
     calib: str | None = None
     nsamples: int = 128
     kl: bool = False  # also measure KL(full || one layer quantized): a forward per layer x format
@@ -67,8 +89,12 @@ class ProfileSettings(ModelSettings):
 
     @field_validator("formats")
     @classmethod
-    def _known_formats(cls, value: str) -> str:
-        return ",".join(fmt.name for fmt in parse_formats(value))
+    def _known_formats(cls, value: str | None) -> str | None:
+        return None if value is None else ",".join(fmt.name for fmt in parse_formats(value))
+
+    @model_validator(mode="after")
+    def _engine_formats(self):
+        return _with_engine_formats(self)
 
 
 class BudgetSettings(BaseModel):
@@ -80,7 +106,7 @@ class BudgetSettings(BaseModel):
     context: int | None = None  # --fit-memory: tokens per sequence (default: the model's maximum positions)
     batch: int = 1  # --fit-memory: sequences
     overhead: str = "1GiB"  # --fit-memory: runtime memory besides weights and KV cache (CUDA context, workspace)
-    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: only formats its kernels serve, fused layers tied
+    engine: Engine = "transformers"  # vllm: only what its kernels serve, fused tied; llama.cpp: GGUF types
 
 
 class SearchSettings(BudgetSettings):
@@ -134,7 +160,7 @@ class RunSettings(ModelSettings, BudgetSettings):
     out: Path
     solver: str = "knapsack"
     proxy: str = "outgrad"  # chosen on held-out text (README); verification also measures every other proxy's knapsack
-    formats: str = "w2g64,w3g128,w4g128,w8,fp16"  # profiled, and the formats the search may choose
+    formats: str | None = None  # profiled, and the formats the search may choose; default DEFAULT_FORMATS[engine]
     pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
     tie_fused: bool = False
     method: Literal["rtn", "gptq", "awq"] = "gptq"  # the final quantizer, also used to verify candidates
@@ -157,6 +183,10 @@ class RunSettings(ModelSettings, BudgetSettings):
     _known_formats = field_validator("formats")(ProfileSettings._known_formats.__func__)
     _pairs = field_validator("pin", mode="before")(SearchSettings._pairs.__func__)
 
+    @model_validator(mode="after")
+    def _engine_formats(self):
+        return _with_engine_formats(self)
+
 
 class ExportSettings(BaseModel):
     """``automp export``: a deployable form of an automp output directory (``run``) written to ``out``."""
@@ -164,9 +194,9 @@ class ExportSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run: Path
-    format: Literal["compressed-tensors", "gguf-map", "gptq-dynamic"]
+    format: Literal["compressed-tensors", "gptq", "gguf", "gguf-map", "gptq-dynamic"]
     out: Path
-    engine: Literal["vllm", "transformers"] = "vllm"  # which engine's limits to warn about
+    engine: Literal["vllm", "transformers"] = "vllm"  # which engine's limits to warn about (compressed-tensors, gptq)
 
 
 def load_settings(cls: type[BaseModel], config: Path | None, flags: dict) -> BaseModel:

@@ -15,8 +15,9 @@ There is one config group per format, whose ``targets`` are exact module names (
 and vLLM match a target either exactly or as an ``re:`` regex). ``ignore`` lists every other linear
 module (16-bit layers, ``lm_head``). The codebook formats (nf4, fp4) have no compressed-tensors
 equivalent: the int ``pack-quantized`` format has no codebook, and its fp4 formats (NVFP4, MXFP4) use
-fp8 or power-of-two group scales. Those formats are refused. GPT-2's ``Conv1D`` layers are refused too,
-because compressed-tensors compresses ``nn.Linear`` only.
+fp8 or power-of-two group scales. Those formats are refused, as are GGUF (llama.cpp) formats, whose
+blocks (super-block scales, quantized sub-block scales and mins) compressed-tensors cannot express.
+GPT-2's ``Conv1D`` layers are refused too, because compressed-tensors compresses ``nn.Linear`` only.
 
 Loading: ``AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32)`` needs no flags, on CPU too.
 transformers keeps the packed weights and decompresses them on the first forward pass; with
@@ -131,6 +132,13 @@ def quantization_config(skeleton: nn.Module, qweights: dict[str, QuantizedWeight
 def _check_representable(run: RunDir) -> None:
     formats = {name: run.allocation.format_of(name) for name in run.allocation.formats}
     quantized = {name: fmt for name, fmt in formats.items() if fmt.quantized}
+    gguf = sorted(f"{name} ({fmt.name})" for name, fmt in quantized.items() if fmt.kind == "gguf")
+    if gguf:
+        raise AutompError(
+            "compressed-tensors cannot express GGUF (llama.cpp) formats: their blocks carry super-block scales, "
+            "quantized sub-block scales and mins or a non-linear codebook. Export this run with --format gguf "
+            f"(a .gguf file for llama.cpp) instead; GGUF layers: {_listing(gguf)}"
+        )
     codebooks = sorted(f"{name} ({fmt.name})" for name, fmt in quantized.items() if fmt.kind != "int")
     if codebooks:
         raise AutompError(

@@ -1,14 +1,34 @@
-"""Export an allocation as llama.cpp ``llama-quantize --tensor-type`` overrides (the nearest GGUF type per tensor).
+"""Export an allocation as a llama.cpp ``llama-quantize`` recipe: one GGUF tensor type per tensor.
 
-llama.cpp quantizes from its own 16-bit GGUF file, so this export is a recipe, not weights: run
-``llama-quantize $(cat tensor_types.txt) model-f16.gguf model-automp.gguf BASE_TYPE`` to reproduce the
-allocation. ``llama-quantize`` matches each ``NAME=TYPE`` pattern against tensor names with
-``std::regex_search``, and the first match wins. Names are written in full (``blk.3.ffn_down.weight``),
-so each pattern matches exactly one tensor.
+llama.cpp quantizes from its own 16-bit GGUF file, so this export is a recipe, not weights (``--format
+gguf`` writes automp's own weights instead). ``gguf_map.json`` names its engine ``llama.cpp`` and gives the
+whole command sequence: ``convert_hf_to_gguf.py`` (the original model to ``model-f16.gguf``), optionally
+``llama-imatrix`` on the run's calibration text, then::
+
+    llama-quantize --token-embedding-type F16 --output-tensor-type HEAD --tensor-type-file tensor_types.txt \
+        model-f16.gguf model-automp.gguf BASE
+
+(``--imatrix imatrix.gguf`` after the optional step), and ``llama-perplexity`` on the result; file names are
+relative to the export directory. ``tensor_types.txt`` holds bare ``NAME=TYPE`` lines, one per tensor
+(llama-quantize reads the file as whitespace-separated ``--tensor-type`` values), and is complete on its
+own. ``tensor_types.args`` holds the equivalent arguments, for ``$(cat tensor_types.args)``:
+``--token-embedding-type``, ``--output-tensor-type`` and one ``--tensor-type NAME=TYPE`` per layer.
+
+llama-quantize matches each ``NAME`` as a regular expression (``std::regex_search``) against the tensor
+names, and the first match wins. Names are written in full (``blk.3.ffn_down.weight``), each matching only
+its own tensor; ``output.weight`` (which would also match ``blk.N.attn_output.weight``) comes last. The
+overrides apply only when the base type is a quantized type: with ``F16`` or ``BF16`` as base,
+llama-quantize skips its per-tensor logic and ignores every ``--tensor-type``. So ``BASE`` is the quantized
+type holding the most weights (``Q8_0`` when nothing is quantized), and every tensor, 16-bit ones included,
+gets its own override.
+
+A layer already in a GGUF format (``q4_k``, ``q8_0``, ...) keeps its type (``Format.ggml_type``); automp's
+own formats get the nearest type:
 
 ============================  =========  ========================================================
 automp format                 GGUF type  bits per weight as stored (block bytes * 8 / block size)
 ============================  =========  ========================================================
+q2_k ... q8_0, iq4_nl         the same   (Q5_K 5.5, Q6_K 6.5625; the others below)
 w8, w8g*, w8g*a               Q8_0       8.5      (32 int8 + fp16 scale)
 w4g32                         Q4_0       4.5      (32 x 4 bit + fp16 scale)
 w4g32a                        Q4_1       5.0      (32 x 4 bit + fp16 scale + fp16 min)
@@ -21,11 +41,11 @@ fp16 / bf16                   F16 / BF16 16
 ============================  =========  ========================================================
 
 Tensor names follow llama.cpp's converter: ``blk.N.attn_q``/``attn_k``/``attn_v``/``attn_qkv``/
-``attn_output``, ``blk.N.ffn_gate``/``ffn_up``/``ffn_down`` (``fc1``/``fc2`` map to ``ffn_up``/``ffn_down``)
-and ``output`` for ``lm_head``. automp keeps the embeddings and, unless it was quantized, ``lm_head``
-in 16-bit, so the argument list also pins ``--token-embedding-type F16`` and
-``--output-tensor-type``. K-quants need rows of a multiple of 256 and the others rows of a multiple of
-32. llama.cpp substitutes a fallback type for other shapes, and those tensors are reported as warnings.
+``attn_output``, ``blk.N.ffn_gate``/``ffn_up``/``ffn_down`` (``fc1``/``fc2`` map to ``ffn_up``/``ffn_down``),
+``token_embd`` and ``output`` for ``lm_head``. automp keeps the embeddings and, unless it was quantized,
+``lm_head`` in 16-bit (a tied head is no tensor of its own). K-quants need rows of a multiple of 256 and the
+others rows of a multiple of 32. llama.cpp substitutes a fallback type for other shapes, and those tensors
+are reported as warnings.
 """
 
 from __future__ import annotations
@@ -38,21 +58,27 @@ from automp.errors import AutompError
 from automp.export.run_dir import RunDir
 from automp.formats import Format
 
-ARGS_FILE = "tensor_types.txt"
+TYPES_FILE = "tensor_types.txt"  # for llama-quantize --tensor-type-file
+ARGS_FILE = "tensor_types.args"  # the same as command-line arguments
 MAP_FILE = "gguf_map.json"
 GGUF_BITS = {  # bits per weight as stored
-    "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5,
-    "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "MXFP4": 4.25,
+    "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_0": 4.5, "Q4_1": 5.0,
+    "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "MXFP4": 4.25,
 }  # fmt: skip
-GGUF_BLOCK = {"Q4_K": 256, "Q3_K": 256, "Q2_K": 256, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "IQ4_NL": 32, "MXFP4": 32}
+GGUF_BLOCK = {"Q6_K": 256, "Q5_K": 256, "Q4_K": 256, "Q3_K": 256, "Q2_K": 256,
+              "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "IQ4_NL": 32, "MXFP4": 32}  # fmt: skip
+BASE_FTYPES = {"MXFP4": "MXFP4_MOE"}  # llama-quantize's file-type name where it differs from the tensor type
 GGUF_NAMES = {  # automp role -> llama.cpp tensor name inside blk.N
     "q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output",
     "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "fc1": "ffn_up", "fc2": "ffn_down",
 }  # fmt: skip
+EMBEDDING_TYPE = "F16"  # the converter's --outtype f16, kept by llama-quantize when told so
 
 
 def gguf_type(fmt: Format) -> str:
-    """The nearest GGUF tensor type to an automp format."""
+    """The GGUF tensor type of an automp format: its own for GGUF formats, else the nearest."""
+    if fmt.kind == "gguf":
+        return fmt.ggml_type
     if not fmt.quantized:
         return "BF16" if fmt.name == "bf16" else "F16"
     if fmt.kind == "nf4":
@@ -75,7 +101,41 @@ def gguf_tensor_name(role: str, block: int, name: str) -> str:
 
 
 def export_gguf_map(run: RunDir, out: Path) -> dict:
-    """Write ``tensor_types.txt`` (llama-quantize arguments) and ``gguf_map.json`` (mapping and bits) into ``out``."""
+    """Write ``tensor_types.txt``, ``tensor_types.args`` and ``gguf_map.json`` into ``out``; returns the report."""
+    rows = _rows(run)
+    weights = Counter()
+    for row in rows:
+        weights[row["gguf_type"]] += row["numel"]
+    quantized = [kind for kind, _ in weights.most_common() if kind not in ("F16", "BF16")]
+    base = quantized[0] if quantized else "Q8_0"  # a 16-bit base would disable every override
+    layers = [row for row in rows if row["tensor"] != "output.weight"]
+    head = next((row["gguf_type"] for row in rows if row["tensor"] == "output.weight"), EMBEDDING_TYPE)
+    tied = getattr(run.config, "tie_word_embeddings", False) and len(layers) == len(rows)
+    types = [("token_embd.weight", EMBEDDING_TYPE)] + [(row["tensor"], row["gguf_type"]) for row in layers]
+    types += [] if tied else [("output.weight", head)]  # last: it would also match blk.N.attn_output.weight
+    (out / TYPES_FILE).write_text("".join(f"{name}={kind}\n" for name, kind in types))
+    args = [f"--token-embedding-type {EMBEDDING_TYPE}", f"--output-tensor-type {head}"]
+    args += [f"--tensor-type {row['tensor']}={row['gguf_type']}" for row in layers]
+    (out / ARGS_FILE).write_text("\n".join(args) + "\n")
+
+    total = sum(row["numel"] for row in rows)
+    report = {
+        "engine": "llama.cpp",
+        "base_type": base,
+        "token_embedding_type": EMBEDDING_TYPE,
+        "output_tensor_type": head,
+        "commands": _commands(run, BASE_FTYPES.get(base, base), head),
+        "avg_bits_automp": sum(row["automp_bits"] * row["numel"] for row in rows) / total,
+        "avg_bits_gguf": sum(row["gguf_bits"] * row["numel"] for row in rows) / total,
+        "gguf_bits_per_type": {kind: GGUF_BITS[kind] for kind in sorted(weights)},
+        "tensors": rows,
+        "warnings": _fallback_warnings(run, rows),
+    }
+    (out / MAP_FILE).write_text(json.dumps(report, indent=1))
+    return {key: value for key, value in report.items() if key != "tensors"}
+
+
+def _rows(run: RunDir) -> list[dict]:
     rows = []
     for layer in run.inventory.layers:
         fmt = run.allocation.format_of(layer.name)
@@ -89,27 +149,24 @@ def export_gguf_map(run: RunDir, out: Path) -> dict:
             "gguf_bits": GGUF_BITS[kind],
             "numel": layer.numel,
         })  # fmt: skip
-    weights = Counter()
-    for row in rows:
-        weights[row["gguf_type"]] += row["numel"]
-    base = weights.most_common(1)[0][0]
-    head = next((row["gguf_type"] for row in rows if row["tensor"] == "output.weight"), "F16")
-    args = ["--token-embedding-type F16", f"--output-tensor-type {head}"]
-    args += [f"--tensor-type {row['tensor']}={row['gguf_type']}" for row in rows if row["tensor"] != "output.weight"]
-    (out / ARGS_FILE).write_text("\n".join(args) + "\n")
+    return rows
 
-    total = sum(row["numel"] for row in rows)
-    report = {
-        "base_type": base,
-        "command": f"llama-quantize $(cat {ARGS_FILE}) model-f16.gguf model-automp.gguf {base}",
-        "avg_bits_automp": sum(row["automp_bits"] * row["numel"] for row in rows) / total,
-        "avg_bits_gguf": sum(row["gguf_bits"] * row["numel"] for row in rows) / total,
-        "gguf_bits_per_type": {kind: GGUF_BITS[kind] for kind in sorted(weights)},
-        "tensors": rows,
-        "warnings": _fallback_warnings(run, rows),
+
+def _commands(run: RunDir, base: str, head: str) -> dict:
+    """The llama.cpp command sequence, with the run's own model and calibration text where they are files."""
+    settings = run.settings
+    model = settings.get("model") or "MODEL_DIR"
+    calib = next((text for text in (settings.get("calib") or "").split(",") if text.endswith(".txt")), "CALIB.txt")
+    ctx = settings.get("seqlen") or 512
+    quantize = f"llama-quantize --token-embedding-type {EMBEDDING_TYPE} --output-tensor-type {head} --tensor-type-file"
+    return {  # in order; the imatrix step and quantize_imatrix replace quantize when an importance matrix is wanted
+        "convert": f"python convert_hf_to_gguf.py {model} --outtype f16 --outfile model-f16.gguf",
+        "imatrix": f"llama-imatrix -m model-f16.gguf -f {calib} -c {ctx} -o imatrix.gguf",
+        "quantize": f"{quantize} {TYPES_FILE} model-f16.gguf model-automp.gguf {base}",
+        "quantize_imatrix": f"{quantize} {TYPES_FILE} --imatrix imatrix.gguf model-f16.gguf model-automp.gguf {base}",
+        "quantize_args": f"llama-quantize $(cat {ARGS_FILE}) model-f16.gguf model-automp.gguf {base}",
+        "perplexity": f"llama-perplexity -m model-automp.gguf -f TEXT.txt -c {ctx}",
     }
-    (out / MAP_FILE).write_text(json.dumps(report, indent=1))
-    return {key: value for key, value in report.items() if key != "tensors"}
 
 
 def _fallback_warnings(run: RunDir, rows: list[dict]) -> list[str]:

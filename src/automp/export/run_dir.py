@@ -21,7 +21,7 @@ from automp.allocation import Allocation
 from automp.checkpoint import DENSE_TENSORS, QUANT_FILE, QUANT_TENSORS
 from automp.errors import AutompError
 from automp.model import Inventory, inventory, lm_head_name
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.qweight import QWeight, load_qweight
 
 SETTINGS_FILE = "automp_config.json"  # the settings the run was made with (written by the pipeline)
 
@@ -61,7 +61,7 @@ class RunDir:
         file = self.path / SETTINGS_FILE
         return json.loads(file.read_text()) if file.is_file() else {}
 
-    def quantized_weights(self) -> dict[str, QuantizedWeight]:
+    def quantized_weights(self) -> dict[str, QWeight]:
         """Every quantized layer's codes, scales and zero-points, exactly as stored."""
         file = self.path / QUANT_TENSORS
         try:
@@ -77,7 +77,7 @@ class RunDir:
             tensors = {k.removeprefix(name + "."): v for k, v in packed.items() if k.startswith(name + ".")}
             if not tensors or name not in shapes:
                 raise AutompError(f"corrupt automp checkpoint in {self.path}: no packed tensors for {name}")
-            out[name] = QuantizedWeight.from_state_dict(fmt, shapes[name], tensors)
+            out[name] = load_qweight(fmt, shapes[name], tensors)
         return out
 
     def dense_tensors(self) -> dict[str, torch.Tensor]:

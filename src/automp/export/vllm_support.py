@@ -43,18 +43,28 @@ def vllm_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
             "with per-channel scales or groups of 32/64/128; these layers load in transformers only: "
             + ", ".join(unservable)
         )
+    return warnings + tiling_warnings(inv, allocation) + fused_warnings(inv, allocation)
+
+
+def tiling_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
+    """Quantized layers whose shape Marlin does not tile (a slower fallback kernel, if any, serves them)."""
     untileable = [lay.name for lay in inv.layers if allocation.format_of(lay.name).quantized
                   and (lay.out_features % MARLIN_TILE_OUT or lay.in_features % MARLIN_TILE_IN)]  # fmt: skip
-    if untileable:
-        warnings.append(
-            f"Marlin needs out_features % {MARLIN_TILE_OUT} == 0 and in_features % {MARLIN_TILE_IN} == 0; vLLM "
-            "needs a slower fallback kernel (if any applies) for: " + ", ".join(untileable)
-        )
+    if not untileable:
+        return []
+    return [
+        f"Marlin needs out_features % {MARLIN_TILE_OUT} == 0 and in_features % {MARLIN_TILE_IN} == 0; vLLM "
+        "needs a slower fallback kernel (if any applies) for: " + ", ".join(untileable)
+    ]
+
+
+def fused_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
+    """Fused groups (q/k/v, gate/up) whose members have different formats: vLLM cannot load them."""
     mixed = [group for group in inv.fused if len({allocation.formats[name] for name in group}) > 1]
-    if mixed:
-        described = "; ".join(", ".join(f"{name} ({allocation.formats[name]})" for name in group) for group in mixed)
-        warnings.append(
-            "vLLM fuses q/k/v and gate/up into one GEMM with one format, so these fused groups with mixed formats "
-            "cannot be served (tie their formats in the search): " + described
-        )
-    return warnings
+    if not mixed:
+        return []
+    described = "; ".join(", ".join(f"{name} ({allocation.formats[name]})" for name in group) for group in mixed)
+    return [
+        "vLLM fuses q/k/v and gate/up into one module with one format, so these fused groups with mixed formats "
+        "cannot load in vLLM (tie their formats in the search): " + described
+    ]

@@ -6,6 +6,11 @@ Follows the reference implementation: lazy batch updates in blocks of 128 column
 damping of the diagonal, optional act-order (columns by descending ``diag(H)``). With act-order,
 group parameters are fitted up front from the original weights ("static groups"), so groups stay
 contiguous in the stored layout and no permutation index has to be shipped.
+
+GGUF formats round on a grid fixed up front too: every block's super-block scales and quantized
+sub-block scales and mins are llama.cpp's importance-matrix choice for the original weights, with
+``diag(H)`` (the mean squared input per column, llama.cpp's imatrix) as the importance
+(``gguf_quantize.GGUFGrid``). GPTQ then only chooses the codes on it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 
 from automp.errors import AutompError
 from automp.formats import Format, GroupParams, fit_params, quantize_dequantize
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.gguf_quantize import GGUFGrid
+from automp.quantizers.gguf_weight import GGUFWeight
+from automp.quantizers.qweight import QuantizedWeight, QWeight
 
 
 class HessianAccumulator:
@@ -40,7 +47,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     blocksize: int = 128,
-) -> QuantizedWeight:
+) -> QWeight:
     """GPTQ-quantize an (out, in) weight given its input Hessian (in, in)."""
     rows, cols = weight.shape
     fmt.check_weight(weight)
@@ -50,16 +57,19 @@ def gptq_quantize(
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone().to(W.device)
 
-    dead = torch.diag(H) == 0  # inputs that were always zero carry no information
+    importance = torch.diag(H).clone()
+    dead = importance == 0  # inputs that were always zero carry no information
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    # Parameters fixed before any error feedback: per-channel (one group) and act-order groups.
-    static = act_order or g == cols
-    params = fit_params(fmt, W.reshape(rows, cols // g, g)) if static else None
-    scale = params.scale if static else torch.zeros(rows, cols // g, device=W.device)
+    # Parameters fixed before any error feedback: per-channel (one group), act-order groups, GGUF grids.
+    grid = GGUFGrid.fit(fmt, W, importance) if fmt.kind == "gguf" else None
+    codes = torch.zeros(rows, cols, dtype=torch.long, device=W.device) if grid else None
+    static = act_order or g == cols or grid is not None
+    params = fit_params(fmt, W.reshape(rows, cols // g, g)) if static and not grid else None
+    scale = params.scale if params else torch.zeros(rows, cols // g, device=W.device)
     zero = None if fmt.symmetric or fmt.kind != "int" else torch.zeros_like(scale)
-    if static and params.zero is not None:
+    if params and params.zero is not None:
         zero = params.zero
 
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
@@ -85,14 +95,19 @@ def gptq_quantize(
                 scale[:, grp] = fitted.scale
                 if zero is not None:
                     zero[:, grp] = fitted.zero
-            p = GroupParams(scale[:, grp], zero[:, grp] if zero is not None else None)
             w = W1[:, i]
-            q = quantize_dequantize(fmt, w.unsqueeze(1), p).squeeze(1)
+            if grid:
+                q, codes[:, col] = grid.quantize(w, col)
+            else:
+                p = GroupParams(scale[:, grp], zero[:, grp] if zero is not None else None)
+                q = quantize_dequantize(fmt, w.unsqueeze(1), p).squeeze(1)
             Q[:, i1 + i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    if grid:
+        return GGUFWeight(fmt, grid.pack(codes).to(W.device))
     Q = Q[:, torch.argsort(order)]
     return QuantizedWeight.from_grid(fmt, Q, GroupParams(scale, zero))

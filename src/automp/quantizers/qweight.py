@@ -1,8 +1,9 @@
 """A quantized weight as it is stored: b-bit codes, fp16 group scales, optional b-bit zero-points.
 
-``QuantizedWeight`` is what every quantizer returns and what checkpoints hold. Codes and zero-points
-are bit-packed densely (``n * bits`` bits, no padding per value), so the bytes on disk equal
-``Format.storage_bits`` / 8.
+``QuantizedWeight`` is what every quantizer returns for automp's own formats and what checkpoints hold.
+Codes and zero-points are bit-packed densely (``n * bits`` bits, no padding per value), so the bytes on
+disk equal ``Format.storage_bits`` / 8. GGUF formats are held as llama.cpp's blocks instead
+(``GGUFWeight``, same interface); :func:`load_qweight` rebuilds either from its stored tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from automp.formats import Format, GroupParams, decode, encode, get_format
+from automp.quantizers.gguf_weight import GGUFWeight
 
 
 @dataclass
@@ -73,6 +75,19 @@ class QuantizedWeight:
     def stored_bytes(self) -> int:
         """Bytes of the packed codes, scales and zero-points."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        zero = None if self.zero is None else self.zero.to(device)
+        return QuantizedWeight(self.fmt, self.codes.to(device), self.scale.to(device), zero)
+
+
+QWeight = QuantizedWeight | GGUFWeight  # what quantizers return and checkpoints hold
+
+
+def load_qweight(fmt_name: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> QWeight:
+    """A stored weight rebuilt from its ``state_dict()`` tensors: a GGUFWeight for GGUF formats."""
+    cls = GGUFWeight if get_format(fmt_name).kind == "gguf" else QuantizedWeight
+    return cls.from_state_dict(fmt_name, shape, tensors)
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,17 +1,31 @@
-"""Round-to-nearest: each group's absmax (or min/max) sets its scale, each weight its nearest code."""
+"""Round-to-nearest: each group's absmax (or min/max) sets its scale, each weight its nearest code.
+
+For GGUF formats, round-to-nearest is llama.cpp's own quantizer (``gguf_quantize.py``), byte for byte,
+with its importance-matrix variant when ``imatrix`` is given.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from automp.errors import AutompError
 from automp.formats import Format, fit_params
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.gguf_quantize import quantize_gguf
+from automp.quantizers.gguf_weight import GGUFWeight
+from automp.quantizers.qweight import QuantizedWeight, QWeight
 
 
-def rtn_quantize(weight: torch.Tensor, fmt: Format) -> QuantizedWeight:
-    """Quantize an (out, in) weight with round-to-nearest in ``fmt``."""
+def rtn_quantize(weight: torch.Tensor, fmt: Format, imatrix: torch.Tensor | None = None) -> QWeight:
+    """Quantize an (out, in) weight with round-to-nearest in ``fmt``.
+
+    ``imatrix`` (GGUF formats only): per-input-column importance, llama.cpp's importance matrix (the
+    mean squared activation of each column, ``diag(X^T X / n)``)."""
     rows, cols = weight.shape
     fmt.check_weight(weight)
+    if fmt.kind == "gguf":
+        return GGUFWeight(fmt, quantize_gguf(fmt, weight, imatrix).to(weight.device))
+    if imatrix is not None:
+        raise AutompError(f"format {fmt.name}: an importance matrix applies to GGUF formats only")
     g = fmt.group(cols)
     params = fit_params(fmt, weight.float().reshape(rows, cols // g, g))
     return QuantizedWeight.from_grid(fmt, weight, params)

@@ -79,7 +79,7 @@ from automp.formats import Format
 from automp.model import Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
 from automp.quantize import GPTQConfig
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.qweight import QWeight
 from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, SensitivityTable
 from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts, load_codes, measure_windows, save_codes
 
@@ -391,7 +391,7 @@ def _measure_layer(
     gptq: GPTQConfig,
     probe: _KLProbe | None,
     stage,
-    codes: dict[str, QuantizedWeight] | None = None,
+    codes: dict[str, QWeight] | None = None,
 ) -> dict:
     """Statistics of one layer and its cost in every format, as JSON-ready dicts. ``codes``, when
     given, receives the GPTQ result of every quantized format."""

@@ -48,7 +48,7 @@ from transformers.pytorch_utils import Conv1D
 from automp.errors import AutompError
 from automp.formats import Format
 from automp.model import LayerInfo, linear_weight
-from automp.quantizers.qweight import QuantizedWeight
+from automp.quantizers.qweight import QWeight, load_qweight
 from automp.sensitivity.table import CalibInfo, SensitivityTable
 
 WINDOWS_FILE = "sensitivity.windows.safetensors"
@@ -135,7 +135,7 @@ def measure_windows(
     layers: list[LayerInfo],
     formats: list[Format],
     calib: torch.Tensor,
-    codes: dict[str, dict[str, QuantizedWeight]],
+    codes: dict[str, dict[str, QWeight]],
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """The artefact's tensors (``KINDS``): one forward + backward per window of ``calib`` (n, seqlen).
@@ -219,8 +219,8 @@ def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 # ---- the codes the pass holds dW with (resumable, one file per layer) ---------------------------
 
 
-def save_codes(path: Path, codes: dict[str, QuantizedWeight]) -> None:
-    """Write one layer's quantized weights (format name -> QuantizedWeight), packed, atomically."""
+def save_codes(path: Path, codes: dict[str, QWeight]) -> None:
+    """Write one layer's quantized weights (format name -> QuantizedWeight or GGUFWeight), packed, atomically."""
     tensors, shapes = {}, {}
     for name, qweight in codes.items():
         tensors.update({f"{name}:{key}": t.cpu().contiguous() for key, t in qweight.state_dict().items()})
@@ -231,7 +231,7 @@ def save_codes(path: Path, codes: dict[str, QuantizedWeight]) -> None:
     os.replace(tmp, path)
 
 
-def load_codes(path: Path, device: torch.device | str = "cpu") -> dict[str, QuantizedWeight]:
+def load_codes(path: Path, device: torch.device | str = "cpu") -> dict[str, QWeight]:
     """One layer's quantized weights as :func:`save_codes` wrote them, unpacked on ``device``."""
     with safe_open(path, framework="pt") as f:
         shapes = json.loads(f.metadata()["shapes"])
@@ -239,7 +239,5 @@ def load_codes(path: Path, device: torch.device | str = "cpu") -> dict[str, Quan
     codes = {}
     for name, shape in shapes.items():
         parts = {key.split(":", 1)[1]: t for key, t in tensors.items() if key.split(":", 1)[0] == name}
-        qweight = QuantizedWeight.from_state_dict(name, tuple(shape), parts)
-        zero = None if qweight.zero is None else qweight.zero.to(device)
-        codes[name] = QuantizedWeight(qweight.fmt, qweight.codes.to(device), qweight.scale.to(device), zero)
+        codes[name] = load_qweight(name, tuple(shape), parts).to(device)
     return codes
