@@ -15,7 +15,8 @@ importance matrix (``llama-imatrix`` on the calibration text automp uses):
 * ``llama.cpp <recipe>``: ``llama-quantize`` of the F16 file;
 * ``automp .gguf``: ``automp run --engine llama.cpp`` (GGUF types as formats, GPTQ, verified delivery)
   at the recipe's bits per weight over the transformer-block tensors, written by ``automp export
-  --format gguf``: automp's own quantized blocks in the file (imatrix: not applicable, automp calibrates);
+  --format gguf``: automp's own quantized blocks in the file (the same file in both groups: automp
+  calibrates on the same text the imatrix is computed from);
 * ``automp map``: the same allocation as a recipe, ``llama-quantize --tensor-type-file`` of the F16 file.
 
 Token embeddings and the output head are F16 on every side (``--token-embedding-type F16
@@ -148,9 +149,8 @@ def block_bits(path: Path) -> tuple[float, dict[str, int]]:
     return 8 * stored / numel, types
 
 
-def automp(*args) -> dict:
-    out = sh("automp", *args, "--json")
-    return json.loads(out.strip().splitlines()[-1])
+def automp(*args) -> None:
+    sh("automp", *args)
 
 
 def paired(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
@@ -203,9 +203,7 @@ def main() -> None:
                 f16, work / f"automp-map-{tag}.gguf", base_type, imatrix if with_imatrix else None,
                 types=mapped_dir / "tensor_types.txt",
             )  # fmt: skip
-            candidates = {f"llama.cpp {recipe}": reference, "automp map": mapped}
-            if not with_imatrix:
-                candidates["automp .gguf"] = own / "model.gguf"
+            candidates = {f"llama.cpp {recipe}": reference, "automp map": mapped, "automp .gguf": own / "model.gguf"}
             base = score(reference)
             for label, path in candidates.items():
                 scores = score(path)
