@@ -228,3 +228,39 @@ def test_byte_identical_to_llama_cpp(name):
             assert np.array_equal(ours.dequantize().numpy(), ggml_dequantize(GGML_LIB, fmt, ours.blocks).numpy())
     gptq = gptq_quantize(w[:, :256], _correlated_hessian(256), fmt)  # GPTQ's blocks decode alike in llama.cpp
     assert np.array_equal(gptq.dequantize().numpy(), ggml_dequantize(GGML_LIB, fmt, gptq.blocks).numpy())
+
+
+def _blocks(n_layer: int, n_head: int, n_kv: int, hidden: int = 256):
+    from automp.sensitivity.table import LayerStats
+
+    head_dim, layers = hidden // n_head, []
+    for block in range(n_layer):
+        for role, out in (("q", hidden), ("k", n_kv * head_dim), ("v", n_kv * head_dim), ("o", hidden),
+                          ("gate", 3 * hidden), ("up", 3 * hidden), ("down", hidden)):  # fmt: skip
+            layers.append(LayerStats.model_construct(name=f"{block}.{role}", block=block, role=role,
+                                                     out_features=out, in_features=hidden))  # fmt: skip
+    return layers
+
+
+def test_llamacpp_recipes_bump_the_tensors_llama_quantize_bumps():
+    """llama_tensor_get_type's rules, worked out by hand for 16 blocks (n/8 = 2, n/16 = 1, 7n/8 = 14)."""
+    from automp.search.gguf_recipes import recipe, use_more_bits
+
+    more = [i for i in range(16) if use_more_bits(i, 16)]
+    assert more == [0, 1, 4, 7, 10, 13, 14, 15]  # first/last eighth, then every third from n/8
+    layers = _blocks(16, n_head=8, n_kv=2)  # GQA 4
+    q2k = recipe("Q2_K", layers)
+    assert {q2k[f"{b}.v"] for b in range(16)} == {"q4_k"}  # n_gqa >= 4
+    assert {q2k[f"{b}.{r}"] for b in range(16) for r in ("o", "down")} == {"q3_k"}
+    assert {q2k[f"{b}.{r}"] for b in range(16) for r in ("q", "k", "gate", "up")} == {"q2_k"}
+    assert recipe("Q2_K", _blocks(2, n_head=8, n_kv=4))["0.v"] == "q3_k"  # n_gqa 2
+    q3km = recipe("Q3_K_M", layers)
+    assert [q3km[f"{b}.v"] for b in range(4)] == ["q5_k", "q5_k", "q4_k", "q4_k"]
+    assert [q3km[f"{b}.down"] for b in range(3)] == ["q5_k", "q4_k", "q4_k"] and q3km["5.o"] == "q4_k"
+    q4km = recipe("Q4_K_M", layers)
+    assert [b for b in range(16) if q4km[f"{b}.v"] == "q6_k"] == more
+    assert [b for b in range(16) if q4km[f"{b}.down"] == "q6_k"] == more
+    q4ks = recipe("Q4_K_S", layers)
+    assert [q4ks[f"{b}.v"] for b in range(5)] == ["q5_k"] * 4 + ["q4_k"]
+    assert [q4ks[f"{b}.down"] for b in range(3)] == ["q5_k", "q5_k", "q4_k"]
+    assert set(recipe("Q3_K_S", layers).values()) == {"q3_k"} and set(recipe("Q6_K", layers).values()) == {"q6_k"}

@@ -9,7 +9,8 @@ per-window NLL is measured on held-out windows, neither calibration nor ``--eval
   (re-solving takes milliseconds), so the proxy is chosen by measurement, not by a default;
 * **uniform**: the uniform format with the most stored bits within the budget, and, when the budget
   lies between two formats, the *uniform mix*: the next larger format given to layer groups spread
-  evenly through the model until the budget is spent (no proxy involved).
+  evenly through the model until the budget is spent (no proxy involved); with GGUF types, also
+  llama.cpp's own recipe with the most bits within the budget (``search/gguf_recipes.py``).
 
 The best mixed candidate is delivered when its mean NLL is below the best uniform candidate's. If
 it is not, a refinement (``search.verify.refine``: swap moves on the measured loss, at most
@@ -36,6 +37,8 @@ from tqdm import tqdm
 from automp.allocation import Allocation
 from automp.errors import AutompError
 from automp.evaluate import Perplexity, paired_delta, perplexity
+from automp.search.gguf_recipes import BASE as RECIPES
+from automp.search.gguf_recipes import recipe
 from automp.search.knapsack import Knapsack
 from automp.search.problem import Problem, Solution
 from automp.sensitivity.table import PROXIES
@@ -127,7 +130,7 @@ def candidates(problem: Problem, solution: Solution) -> list[Candidate]:
         except AutompError:  # a proxy the table did not measure (kl without --kl, old tables' outgrad)
             continue
         pool.append(Candidate(f"knapsack[{proxy}]", "mixed", exact, proxy))
-    pool += uniform_candidates(problem)
+    pool += uniform_candidates(problem) + recipe_candidates(problem)
     unique: dict[tuple, Candidate] = {}
     for candidate in pool:
         key = tuple(candidate.solution.choice)
@@ -167,6 +170,25 @@ def uniform_candidates(problem: Problem) -> list[Candidate]:
             label = f"uniform mix {table.formats[low]}+{table.formats[high]} ({share:.0%} {table.formats[high]})"
             found.append(Candidate(label, "uniform", _solution(problem, mixed, "uniform mix"), problem.proxy))
     return found
+
+
+def recipe_candidates(problem: Problem) -> list[Candidate]:
+    """llama.cpp's own recipe (``gguf_recipes.py``) with the most bits within the budget, when the
+    table holds its GGUF types: a baseline like uniform, since llama.cpp users would otherwise run it."""
+    table, mask, bits = problem.table, problem.choices(), problem.table.bits_matrix()
+    rows, options = np.arange(len(table.layers)), []
+    for name in RECIPES:
+        formats = recipe(name, table.layers) | problem.pinned
+        if not all(fmt in table.formats for fmt in formats.values()):
+            continue
+        choice = np.array([table.format_index(formats[layer.name]) for layer in table.layers])
+        tied = all(len({choice[i] for i in group}) == 1 for group in problem.groups())
+        if tied and mask[rows, choice].all() and (total := int(bits[rows, choice].sum())) <= problem.budget_bits:
+            options.append((total, name, choice))
+    if not options:
+        return []
+    _, name, choice = max(options, key=lambda option: option[0])
+    return [Candidate(f"llama.cpp {name}", "uniform", _solution(problem, choice, f"llama.cpp {name}"), problem.proxy)]
 
 
 def _spread(problem: Problem, choice: np.ndarray, high: int, spare: int) -> np.ndarray | None:
