@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -189,8 +190,9 @@ def main() -> None:
             bits, _ = block_bits(reference)
             run = work / f"run-{recipe}"
             if not (run / "automp_quant.json").is_file():
+                target = math.ceil(bits * 1e9) / 1e9  # rounded up: the recipe itself must fit
                 automp("run", "--model", model, "--engine", "llama.cpp", "--formats", GGUF_FORMATS,
-                       "--target-bits", f"{bits:.6f}", "--calib", calib, "--nsamples", args.nsamples,
+                       "--target-bits", f"{target:.9f}", "--calib", calib, "--nsamples", args.nsamples,
                        "--out", run)  # fmt: skip
             own = work / f"automp-{recipe}"
             if not (own / "model.gguf").is_file():
