@@ -1,4 +1,5 @@
-"""Writing outputs safely: check an output path before any work, stage it, and move it into place whole.
+"""Reading and writing artefacts safely: check an output path before any work, stage it, and move it
+into place whole; find a stage's artefact by its file or its directory, and read it with one clear error.
 
 Every command that writes uses these, so a bad ``--out`` fails in one line before a model is loaded,
 and a failure half-way never leaves a partial file or directory behind. Nothing here imports from
@@ -63,6 +64,20 @@ def write_file_atomic(path: Path, text: str) -> None:
         staging.replace(path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def artefact_path(path: Path, name: str) -> Path:
+    """``path`` itself, or ``path / name`` when ``path`` is a directory (where a stage saves ``name``)."""
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+def read_json_artefact(cls, path: Path, what: str):
+    """The pydantic artefact ``cls`` from its JSON file; one clear error when it is missing or invalid."""
+    try:
+        return cls.model_validate_json(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise AutompError(f"could not read the {what} {path}: {err}") from err
 
 
 def _remove(path: Path) -> None:

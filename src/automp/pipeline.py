@@ -27,7 +27,7 @@ from automp.errors import AutompError
 from automp.evaluate import perplexity
 from automp.export import REPORT_FILE, RunDir, export_run
 from automp.formats import get_format
-from automp.io import check_output, staged_output, write_file_atomic  # also imported from here by older stages
+from automp.io import check_output, staged_output, write_file_atomic
 from automp.lm_eval_backend import evaluate_tasks_lm_eval
 from automp.model import inventory, lm_head_name, load_model, max_positions, resolve_device
 from automp.quantize import GPTQConfig, quantize_
@@ -44,7 +44,7 @@ from automp.settings import (
     SearchSettings,
 )
 from automp.tasks import evaluate_tasks, resolve_tasks_dir
-from automp.timing import Stopwatch  # also imported from here by older stages
+from automp.timing import Stopwatch
 from automp.usage import peak_memory, reset_peak_memory, throughput
 
 DEFAULT_SEQLEN = 2048

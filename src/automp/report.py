@@ -42,7 +42,8 @@ REFERENCE_FORMATS = ("w4g128", "w4g64", "w4", "w3g128")  # preferred reference f
 
 def write_report(run_dir: Path, seeds: int = 0, progress: bool = True) -> dict:
     """Write ``run_dir/report/index.html`` and its PNGs; returns the page's path and each section's state."""
-    from automp.pipeline import ALLOCATION_FILE, staged_output
+    from automp.io import staged_output
+    from automp.pipeline import ALLOCATION_FILE
     from automp.search.result import SearchResult
 
     run_dir = Path(run_dir)

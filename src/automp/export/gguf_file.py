@@ -42,6 +42,7 @@ import torch
 
 from automp.errors import AutompError
 from automp.export.run_dir import RunDir
+from automp.quantizers.gguf_weight import GGUFWeight
 
 GGUF_FILE = "model.gguf"
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -122,7 +123,7 @@ def _check_architecture(run: RunDir, hparams: dict) -> None:
 def _check_formats(run: RunDir) -> dict:
     """Each layer's Format; one error naming every layer in a format GGUF cannot store."""
     formats = {layer.name: run.allocation.format_of(layer.name) for layer in run.inventory.layers}
-    misfits = [f"{name} ({fmt.name})" for name, fmt in formats.items() if fmt.quantized and _ggml_type(fmt) is None]
+    misfits = [f"{name} ({fmt.name})" for name, fmt in formats.items() if fmt.quantized and fmt.kind != "gguf"]
     if misfits:
         raise AutompError(
             f"--format gguf stores GGUF formats (q2_k ... q8_0, iq4_nl) and fp16/bf16 only; {len(misfits)} layers "
@@ -130,10 +131,6 @@ def _check_formats(run: RunDir) -> dict:
             "formats, or export the recipe with --format gguf-map"
         )
     return formats
-
-
-def _ggml_type(fmt) -> str | None:
-    return getattr(fmt, "ggml_type", None) if getattr(fmt, "kind", None) == "gguf" else None
 
 
 def _rope(hparams: dict) -> dict:
@@ -155,8 +152,7 @@ def _tensors(run: RunDir, hparams: dict):
     heads = {"q_proj": hparams["num_attention_heads"]}
     heads["k_proj"] = hparams.get("num_key_value_heads") or heads["q_proj"]
     dense = run.dense_tensors()
-    quantized = any(run.allocation.format_of(layer.name).quantized for layer in run.inventory.layers)
-    qweights = run.quantized_weights() if quantized else {}  # an all-16-bit run's quantized file has no tensors
+    qweights = run.quantized_weights()
     if (freqs := _llama3_rope_factors(hparams)) is not None:
         yield "", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs, gguf.GGMLQuantizationType.F32
     for hf_name in run.skeleton.state_dict():
@@ -168,7 +164,7 @@ def _tensors(run: RunDir, hparams: dict):
             raise AutompError(f"--format gguf: no llama.cpp tensor name for {hf_name}")
         n_head = heads.get(hf_name.split(".")[-2])
         if layer in qweights:
-            data, qtype = _blocks(qweights[layer], hf_name)
+            data, qtype = _blocks(qweights[layer])
         else:
             data, qtype = _dense(dense[hf_name], name)
         yield hf_name, name, (data if n_head is None else permute(data, n_head)), qtype
@@ -187,17 +183,11 @@ def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _blocks(qweight, hf_name: str) -> tuple[np.ndarray, object]:
+def _blocks(qweight: GGUFWeight) -> tuple[np.ndarray, object]:
+    """The stored block bytes as they are (``GGUFWeight`` checks their layout when it is loaded)."""
     import gguf
 
-    qtype = gguf.GGMLQuantizationType[qweight.fmt.ggml_type]
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    rows, cols = qweight.shape
-    blocks = qweight.blocks.cpu().numpy()
-    if blocks.dtype != np.uint8 or blocks.shape != (rows, cols // block * size) or cols % block:
-        raise AutompError(f"corrupt GGUF blocks for {hf_name}: {blocks.dtype} {tuple(blocks.shape)} for "
-                          f"{qtype.name} weights of shape {(rows, cols)}")  # fmt: skip
-    return blocks, qtype
+    return qweight.blocks.cpu().numpy(), gguf.GGMLQuantizationType[qweight.fmt.ggml_type]
 
 
 def _dense(tensor: torch.Tensor, name: str) -> tuple[np.ndarray, object]:

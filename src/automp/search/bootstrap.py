@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from automp.allocation import Allocation
 from automp.errors import AutompError
+from automp.io import artefact_path, read_json_artefact
 from automp.search.knapsack import Knapsack
 from automp.search.problem import Problem
 from automp.sensitivity.table import PROXIES, SensitivityTable
@@ -90,21 +91,13 @@ class BootstrapResult(BaseModel):
 
     def save(self, path: Path) -> Path:
         """Write to ``path`` (a directory gets ``BOOTSTRAP_FILE``)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / BOOTSTRAP_FILE
+        path = artefact_path(path, BOOTSTRAP_FILE)
         path.write_text(self.model_dump_json(indent=1))
         return path
 
     @classmethod
     def load(cls, path: Path) -> BootstrapResult:
-        path = Path(path)
-        if path.is_dir():
-            path = path / BOOTSTRAP_FILE
-        try:
-            return cls.model_validate_json(path.read_text())
-        except (OSError, ValueError) as err:
-            raise AutompError(f"could not read the bootstrap result {path}: {err}") from err
+        return read_json_artefact(cls, artefact_path(path, BOOTSTRAP_FILE), "bootstrap result")
 
 
 def bootstrap(

@@ -24,6 +24,7 @@ import torch
 
 from automp.data import load_windows, sources
 from automp.errors import AutompError
+from automp.io import write_file_atomic
 from automp.search.evaluator import AllocationEvaluator
 from automp.search.problem import Problem, Solution
 from automp.search.verify import candidates, proxy_scores, refine, verify
@@ -111,8 +112,6 @@ def check_and_refine(
     extra["total_evaluations"] = evaluator.evaluations  # the solver's own, verify's and refine's
     if learned_curve and settings.out is not None:
         path = Path(settings.out).with_name(Path(settings.out).name + ".curve.json")
-        from automp.pipeline import write_file_atomic
-
         write_file_atomic(path, json.dumps(learned_curve, indent=1))
         extra["curve"] = str(path)
     return solution, extra

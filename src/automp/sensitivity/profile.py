@@ -84,7 +84,7 @@ from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, Sensitiv
 from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts, load_codes, measure_windows, save_codes
 
 if TYPE_CHECKING:
-    from automp.pipeline import Stopwatch
+    from automp.timing import Stopwatch
 
 MANIFEST = "manifest.json"
 PREPASS_TENSORS = "prepass.safetensors"

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from automp.errors import AutompError
 from automp.formats import get_format
+from automp.io import artefact_path, read_json_artefact
 
 TABLE_FILE = "sensitivity.json"
 
@@ -108,10 +109,4 @@ class SensitivityTable(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> SensitivityTable:
-        path = Path(path)
-        if path.is_dir():
-            path = path / TABLE_FILE
-        try:
-            return cls.model_validate_json(path.read_text())
-        except (OSError, ValueError) as err:
-            raise AutompError(f"could not read the sensitivity table {path}: {err}") from err
+        return read_json_artefact(cls, artefact_path(path, TABLE_FILE), "sensitivity table")

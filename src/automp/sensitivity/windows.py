@@ -47,6 +47,7 @@ from transformers.pytorch_utils import Conv1D
 
 from automp.errors import AutompError
 from automp.formats import Format
+from automp.io import artefact_path
 from automp.model import LayerInfo, linear_weight
 from automp.quantizers.qweight import QWeight, load_qweight
 from automp.sensitivity.table import CalibInfo, SensitivityTable
@@ -99,9 +100,7 @@ class WindowCosts:
 
     def save(self, path: Path) -> Path:
         """Write the artefact to ``path`` (a directory gets ``WINDOWS_FILE``) atomically."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / WINDOWS_FILE
+        path = artefact_path(path, WINDOWS_FILE)
         meta = {"model": self.model, "layers": self.layers, "formats": self.formats, "calib": self.calib.model_dump()}
         tensors = {kind: np.ascontiguousarray(getattr(self, kind), dtype=np.float64) for kind in KINDS}
         tmp = path.with_name(f".{path.name}.tmp")
@@ -112,9 +111,7 @@ class WindowCosts:
     @classmethod
     def load(cls, path: Path) -> WindowCosts:
         """Read the artefact from ``path`` (the file, or the directory holding ``WINDOWS_FILE``)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / WINDOWS_FILE
+        path = artefact_path(path, WINDOWS_FILE)
         try:
             with safe_open(path, framework="np") as f:
                 meta = json.loads(f.metadata()["automp"])
