@@ -47,6 +47,13 @@ CalibOpt = Annotated[str | None, typer.Option(help="Calibration text: .txt, .jso
 NsamplesOpt = Annotated[int | None, typer.Option(help="Calibration windows.")]
 DampOpt = Annotated[float | None, typer.Option(help="GPTQ relative damping.")]
 ActOrderOpt = Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ column order.")]
+RanksOpt = Annotated[
+    str | None,
+    typer.Option(help="Low-rank corrections to weigh against bits, e.g. 0,4,8,16: each quantized format also as +rN."),
+]
+CorrectionOpt = Annotated[
+    str | None, typer.Option(help="+rN formats' estimator: exact (activation-aware), diag or svd (data-free).")
+]
 SolverOpt = Annotated[str | None, typer.Option(help="knapsack (exact), greedy, quantile, or a learned one.")]
 ProxyOpt = Annotated[str | None, typer.Option(help="Predicted loss: outgrad, hessian, fisher, grad, weight or kl.")]
 PinOpt = Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")]
@@ -172,6 +179,7 @@ def quantize(
     eval: Annotated[str | None, typer.Option("--eval", help="Evaluation text for perplexity.")] = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
+    correction: CorrectionOpt = None,
     lm_head: Annotated[bool | None, typer.Option("--lm-head", help="Quantize lm_head too.")] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -241,6 +249,7 @@ def profile(
     formats: Annotated[
         str | None, typer.Option(help="Formats to measure, e.g. w2g64,w3g128,w4g128,w8,fp16 or q2_k,q4_k,q6_k,fp16.")
     ] = None,
+    ranks: RanksOpt = None,
     engine: EngineOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output directory for sensitivity.json.")] = None,
     calib: CalibOpt = None,
@@ -256,6 +265,7 @@ def profile(
     ] = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
+    correction: CorrectionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -349,6 +359,7 @@ def run_(
     solver: SolverOpt = None,
     proxy: ProxyOpt = None,
     formats: Annotated[str | None, typer.Option(help="Formats to profile and choose from.")] = None,
+    ranks: RanksOpt = None,
     pin: PinOpt = None,
     tie_fused: TieOpt = None,
     method: Annotated[
@@ -385,6 +396,7 @@ def run_(
     kl: Annotated[bool | None, typer.Option("--kl", help="Also profile KL (for --proxy kl; slow).")] = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
+    correction: CorrectionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,

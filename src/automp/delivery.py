@@ -315,7 +315,7 @@ def deliver(
     from automp.search.evaluator import AllocationEvaluator
 
     windows, text = held_out
-    gptq = GPTQConfig(damp=settings.damp, act_order=settings.act_order)
+    gptq = GPTQConfig.of(settings)
 
     def quantize(target: nn.Module, allocation: Allocation) -> None:
         quantize_(target, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=False)

@@ -19,6 +19,11 @@ GGUF formats (``kind="gguf"``) store llama.cpp's blocks byte for byte (``quantiz
 the K-quants and 32 for the others, so a row's length must be a multiple of the block. ``bits`` is the
 nominal code width and ``group_size`` the sub-block the scales apply to (16 for Q2_K/Q3_K/Q6_K, 32 for
 the others): the unit GPTQ and AWQ iterate over. Stored bits per weight are exact (Q4_K: 4.5).
+
+A ``+r{N}`` suffix on any quantized format (``w2g64+r16``, ``q4_k+r8``) adds a rank-N low-rank error
+correction ``B A`` beside the quantized weight (``quantizers/lowrank.py``): ``A`` (N x in) and ``B``
+(out x N) are stored in fp16 and cost exactly ``N * (in + out) * 16`` bits, counted in
+``storage_bits`` like scales are. ``Format.base`` is the format without it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from automp.errors import AutompError
 
 SCALE_BITS = 16  # scales are stored as fp16
+ADAPTER_BITS = 16  # low-rank corrections (A, B) are stored as fp16
 INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 
@@ -57,6 +63,7 @@ GGUF_FALLBACK_BLOCK = 32  # every fallback above is a 32-block type
 # Formats with mins (value = d * code - m) rather than a symmetric grid.
 GGUF_AFFINE = ("q2_k", "q4_k", "q5_k")
 
+_RANK = re.compile(r"^(?P<base>.+?)\+r(?P<rank>.*)$")
 _NAME = re.compile(r"^(?:w(?P<bits>\d+)(?:g(?P<g>\d+))?(?P<asym>a)?|(?P<cb>nf4|fp4)g(?P<cbg>\d+))$")
 
 
@@ -69,10 +76,16 @@ class Format:
     bits: int
     group_size: int | None = None
     symmetric: bool = True
+    rank: int = 0  # rank of the low-rank error correction stored beside the weight (0: none)
 
     @property
     def quantized(self) -> bool:
         return self.kind != "float"
+
+    @property
+    def base(self) -> Format:
+        """The format without its low-rank correction (itself when it has none)."""
+        return get_format(self.name.split("+", 1)[0]) if self.rank else self
 
     def group(self, in_features: int) -> int:
         """The group length along the input dimension for a layer with ``in_features`` inputs."""
@@ -81,6 +94,8 @@ class Format:
     @property
     def ggml_type(self) -> str | None:
         """The GGML tensor type name ("Q4_K", "F16", ...); None for automp's own int/nf4/fp4 formats."""
+        if self.rank:
+            return self.base.ggml_type
         if self.kind == "gguf":
             return self.name.upper()
         return {"fp16": "F16", "bf16": "BF16"}.get(self.name)
@@ -96,6 +111,13 @@ class Format:
         return _gguf_sizes(self.ggml_type)[1]
 
     def check_shape(self, out_features: int, in_features: int) -> None:
+        if self.rank > min(out_features, in_features):
+            raise AutompError(
+                f"format {self.name}: rank {self.rank} exceeds the layer's smaller dimension "
+                f"({out_features} x {in_features}); use a rank of at most {min(out_features, in_features)}"
+            )
+        if self.rank:
+            return self.base.check_shape(out_features, in_features)
         if self.kind == "gguf":
             self._check_gguf_row(in_features)
         elif self.quantized and in_features % self.group(in_features):
@@ -125,15 +147,22 @@ class Format:
             raise AutompError(f"format {self.name}: the weight contains NaN or Inf values")
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
-        """Exact stored bits of an ``out_features x in_features`` weight: codes + scales + zeros."""
+        """Exact stored bits of an ``out_features x in_features`` weight: codes + scales + zeros, plus the
+        low-rank correction's ``A`` and ``B``."""
         if not self.quantized:
             return self.bits * out_features * in_features
         self.check_shape(out_features, in_features)
+        if self.rank:
+            return self.base.storage_bits(out_features, in_features) + self.correction_bits(out_features, in_features)
         if self.kind == "gguf":
             return out_features * (in_features // self.block_size) * self.type_size * 8
         groups = out_features * (in_features // self.group(in_features))
         zero_bits = 0 if self.symmetric else self.bits
         return self.bits * out_features * in_features + groups * (SCALE_BITS + zero_bits)
+
+    def correction_bits(self, out_features: int, in_features: int) -> int:
+        """Stored bits of the low-rank correction alone: ``rank * (in + out)`` fp16 values."""
+        return self.rank * (in_features + out_features) * ADAPTER_BITS
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return self.storage_bits(out_features, in_features) / (out_features * in_features)
@@ -167,6 +196,8 @@ def _gguf_sizes(ggml_type: str | None) -> tuple[int, int]:
 def get_format(name: str) -> Format:
     """Parse a format name; raises AutompError listing the valid names."""
     key = name.strip().lower()
+    if m := _RANK.match(key):
+        return _with_rank(get_format(m["base"]), m["rank"], name)
     if key in ("fp16", "bf16"):
         return Format(key, "float", 16)
     if key in GGUF_TYPES:
@@ -186,6 +217,24 @@ def get_format(name: str) -> Format:
         "an 'a' suffix for asymmetric (w4g128a), nf4g64, fp4g32, fp16, bf16, or a GGUF (llama.cpp) type: "
         "q2_k, q3_k, q4_k, q5_k, q6_k, q8_0, q4_0, iq4_nl"
     )
+
+
+def _with_rank(base: Format, rank: str, name: str) -> Format:
+    if not base.quantized:
+        raise AutompError(f"format {name!r}: a low-rank correction repairs quantization error; {base.name} has none")
+    if not rank.isdigit() or int(rank) == 0:
+        raise AutompError(f"format {name!r}: the rank after '+r' must be a positive integer, e.g. {base.name}+r16")
+    return Format(f"{base.name}+r{int(rank)}", base.kind, base.bits, base.group_size, base.symmetric, int(rank))
+
+
+def with_ranks(formats: list[Format], ranks: list[int]) -> list[Format]:
+    """``formats`` plus, for every quantized format without a rank, one ``+rN`` option per positive rank
+    (``--ranks 0,4,8``: rank 0 keeps the plain formats)."""
+    for rank in ranks:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise AutompError(f"rank {rank!r}: ranks must be non-negative integers (0 keeps the plain formats)")
+    extra = [get_format(f"{fmt.name}+r{r}") for fmt in formats if fmt.quantized and not fmt.rank for r in ranks if r]
+    return list(dict.fromkeys(formats + extra))
 
 
 def parse_formats(spec: str) -> list[Format]:

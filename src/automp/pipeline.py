@@ -137,7 +137,7 @@ def quantize_model(
             calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
         windows = load_windows(settings.eval, tokenizer, seqlen) if settings.eval else None
     with clock.stage("quantize"):
-        gptq = GPTQConfig(damp=settings.damp, act_order=settings.act_order)
+        gptq = GPTQConfig.of(settings)
         qweights = quantize_(
             model, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=progress
         )
@@ -214,7 +214,7 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
         model, formats, calib,
         model_name=settings.model,
         calib_info=CalibInfo(spec=settings.calib, nsamples=len(calib), seqlen=seqlen, seed=settings.seed),
-        kl_windows=kl_windows, work_dir=work, gptq=GPTQConfig(damp=settings.damp, act_order=settings.act_order),
+        kl_windows=kl_windows, work_dir=work, gptq=GPTQConfig.of(settings),
         batch_size=settings.batch_size, progress=progress, clock=clock, per_window=settings.per_window,
     )  # fmt: skip
     with staged_output(out) as staging:
@@ -313,13 +313,13 @@ def engine_formats(formats: str, engine: str) -> tuple[list[str], list[str]]:
 
     parsed = parse_formats(formats)
     if engine == "llama.cpp":
-        kept = [f.name for f in parsed if f.ggml_type is not None]
+        kept = [f.name for f in parsed if f.ggml_type is not None and not f.rank]  # no +rN: export/peft_adapter.py
         if not any(get_format(name).quantized for name in kept):
             raise AutompError(
                 f"--engine llama.cpp stores none of the formats {formats}: profile GGUF types "
                 "(q2_k, q3_k, q4_k, q5_k, q6_k, q8_0, q4_0, iq4_nl) with --engine llama.cpp"
             )
-        return kept, [f.name for f in parsed if f.ggml_type is None]
+        return kept, [f.name for f in parsed if f.name not in kept]
     if engine != "vllm":
         return [f.name for f in parsed], []
     kept = [f.name for f in parsed if servable_format(f)]

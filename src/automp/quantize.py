@@ -4,6 +4,10 @@ RTN needs no data. GPTQ and AWQ run block by block over the decoder: the inputs 
 the outputs of blocks ``0..i-1`` *already quantized*, so each block corrects for the error upstream.
 Only one block's calibration activations are held at a time. AWQ scales and clips each block's
 weights (``quantizers/awq.py``), then rounds them with RTN; an ``lm_head`` gets plain RTN.
+
+A ``+rN`` format adds its low-rank correction (``quantizers/lowrank.py``, ``GPTQConfig.correction``)
+fitted on the same block inputs, so the blocks downstream see the quantized *and corrected* outputs.
+AWQ collects the scaled layers' Hessians for it; RTN, having no data, uses the data-free ``svd``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from automp.errors import AutompError
 from automp.model import decoder_blocks, inventory, linear_weight, lm_head_name, set_linear_weight
 from automp.quantizers.awq import awq_scale_block
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
+from automp.quantizers.lowrank import METHODS as CORRECTIONS
 from automp.quantizers.qweight import QWeight
 from automp.quantizers.rtn import rtn_quantize
 
@@ -32,6 +37,16 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = True
     blocksize: int = 128
+    correction: str = "exact"  # +rN formats' low-rank estimator (quantizers/lowrank.py), for every method
+
+    @classmethod
+    def of(cls, settings) -> GPTQConfig:
+        """The config a command's settings (``damp``, ``act_order``, ``correction``) ask for."""
+        return cls(damp=settings.damp, act_order=settings.act_order, correction=settings.correction)
+
+    def __post_init__(self) -> None:
+        if self.correction not in CORRECTIONS:
+            raise AutompError(f"unknown correction {self.correction!r}: use one of {', '.join(CORRECTIONS)}")
 
 
 @dataclass
@@ -83,10 +98,10 @@ def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, pr
 
     def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
         module, fmt = modules[name], allocation.format_of(name)
-        if hessian is None:
-            qweight = rtn_quantize(linear_weight(module), fmt)
-        else:
+        if method == "gptq":
             qweight = gptq_quantize(linear_weight(module), hessian, fmt, **vars(gptq))
+        else:  # the Hessian (AWQ) only feeds a +rN format's correction
+            qweight = rtn_quantize(linear_weight(module), fmt, hessian=hessian, correction=gptq.correction)
         set_linear_weight(module, qweight.dequantize())
         out[name] = qweight
 
@@ -104,11 +119,14 @@ def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, pr
         names = [name for name in todo if block_of[name] == index]
         if method == "awq":
             awq_scale_block(block, inputs, {modules[name]: allocation.format_of(name) for name in names}, awq.clip)
-            hessians = dict.fromkeys(names)  # the scaled weights are rounded with RTN
-        else:
-            with _hessian_hooks({name: modules[name] for name in names}) as hessians:
+        hessians = dict.fromkeys(names)
+        # AWQ rounds with RTN: it needs Hessians for the +rN corrections only
+        hooked = [name for name in names if method == "gptq" or allocation.format_of(name).rank]
+        if hooked:
+            with _hessian_hooks({name: modules[name] for name in hooked}) as found:
                 for _ in _run_block(block, inputs):
                     pass
+            hessians |= found
         for name in names:
             quantize_layer(name, hessians[name])
         outputs = _run_block(block, inputs)

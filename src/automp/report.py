@@ -5,7 +5,8 @@ table of the run's metrics. Sections:
 
 * **sensitivity**: the proxy of every layer at one reference format, as a heat map of blocks x roles
   (log scale);
-* **allocation**: the bits per weight of each layer's chosen format, blocks x roles;
+* **allocation**: the bits per weight of each layer's chosen format, blocks x roles, with the rank of
+  each low-rank correction (``+rN``) written in its cell;
 * **frontier**: the predicted loss vs average bits (``search.frontier`` on the saved table), with each
   uniform format and the run's own allocation marked;
 * **statistics**: input-activation and weight statistics per layer;
@@ -125,10 +126,16 @@ def _grid(table: SensitivityTable, values: dict[str, float]) -> tuple[np.ndarray
     return grid, blocks, roles
 
 
-def _heatmap(grid: np.ndarray, blocks: list[int], roles: list[str], title: str, label: str, path: Path, **kw) -> None:
+def _heatmap(
+    grid: np.ndarray, blocks: list[int], roles: list[str], title: str, label: str, path: Path,
+    notes: dict[tuple[int, int], str] | None = None, **kw,
+) -> None:  # fmt: skip
+    """``notes``: text written into cells, by (block row, role column)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(roles), 1.2 + 0.35 * len(blocks)))
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", **kw)
+    for (row, col), text in (notes or {}).items():
+        ax.text(col, row, text, ha="center", va="center", fontsize=7, color="white")
     ax.set_xticks(range(len(roles)), roles)
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
     ax.set_xlabel("role")
@@ -172,7 +179,13 @@ def _allocation(table: SensitivityTable, result, path: Path) -> str | None:
         if name in sizes
     }
     grid, blocks, roles = _grid(table, bits)
-    _heatmap(grid, blocks, roles, f"{result.solver} at {result.target_bits:g} bits", "bits per weight", path)
+    notes = {  # the low-rank corrections' ranks (their bytes are in the colour already)
+        (blocks.index(sizes[name].block), roles.index(sizes[name].role)): f"r{get_format(fmt).rank}"
+        for name, fmt in result.formats.items()
+        if name in sizes and get_format(fmt).rank
+    }
+    title = f"{result.solver} at {result.target_bits:g} bits" + (" (rN: low-rank correction)" if notes else "")
+    _heatmap(grid, blocks, roles, title, "bits per weight (corrections included)", path, notes)
     return None
 
 

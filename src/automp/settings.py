@@ -10,9 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from automp.errors import AutompError
-from automp.formats import get_format, parse_formats
+from automp.formats import get_format, parse_formats, with_ranks
 
 Engine = Literal["transformers", "vllm", "llama.cpp"]
+Correction = Literal["exact", "diag", "svd"]  # +rN formats' low-rank estimator (quantizers/lowrank.py)
 DEFAULT_FORMATS = {  # what profile and run measure when --formats is not given
     "transformers": "w2g64,w3g128,w4g128,w8,fp16",
     "vllm": "w2g64,w3g128,w4g128,w8,fp16",
@@ -21,7 +22,8 @@ DEFAULT_FORMATS = {  # what profile and run measure when --formats is not given
 
 
 def _with_engine_formats(settings):
-    """Fill in the engine's default formats; llama.cpp runs GGUF types (and 16-bit) only."""
+    """Fill in the engine's default formats (llama.cpp runs GGUF types and 16-bit only), then add every
+    quantized one's ``+rN`` options for ``--ranks``."""
     if settings.formats is None:
         settings.formats = DEFAULT_FORMATS[settings.engine]
     elif settings.engine == "llama.cpp":
@@ -31,6 +33,11 @@ def _with_engine_formats(settings):
                 f"--engine llama.cpp stores GGUF types only; {', '.join(foreign)} is not one: use q2_k, q3_k, "
                 "q4_k, q5_k, q6_k, q8_0, q4_0, iq4_nl, fp16 or bf16"
             )
+    if settings.ranks and settings.engine == "llama.cpp":
+        raise ValueError("--engine llama.cpp has no route for automp's low-rank corrections yet: drop --ranks")
+    if settings.ranks:
+        ranks = [int(r) if r.strip().isdigit() else r.strip() for r in settings.ranks.split(",") if r.strip()]
+        settings.formats = ",".join(fmt.name for fmt in with_ranks(parse_formats(settings.formats), ranks))
     return settings
 
 
@@ -64,6 +71,7 @@ class QuantizeSettings(ModelSettings):
     eval: str | None = None
     damp: float = 0.01
     act_order: bool = True
+    correction: Correction = "exact"
     lm_head: bool = False  # quantize lm_head too (left in 16-bit by default)
 
     @field_validator("scheme")
@@ -78,6 +86,8 @@ class ProfileSettings(ModelSettings):
     out: Path
     engine: Engine = "transformers"  # llama.cpp: GGUF types by default
     formats: str | None = None  # default: DEFAULT_FORMATS[engine]
+    ranks: str | None = None  # e.g. 0,4,8,16: every quantized format also with each positive rank (+rN)
+    correction: Correction = "exact"
     calib: str | None = None
     nsamples: int = 128
     kl: bool = False  # also measure KL(full || one layer quantized): a forward per layer x format
@@ -161,6 +171,8 @@ class RunSettings(ModelSettings, BudgetSettings):
     solver: str = "knapsack"
     proxy: str = "outgrad"  # chosen on held-out text (README); verification also measures every other proxy's knapsack
     formats: str | None = None  # profiled, and the formats the search may choose; default DEFAULT_FORMATS[engine]
+    ranks: str | None = None  # e.g. 0,4,8,16: bits and low-rank correction chosen jointly (+rN formats)
+    correction: Correction = "exact"
     pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
     tie_fused: bool = False
     method: Literal["rtn", "gptq", "awq"] = "gptq"  # the final quantizer, also used to verify candidates

@@ -1,7 +1,8 @@
 """Deployable exports of an automp output directory.
 
 * ``compressed-tensors``: a ``pack-quantized`` checkpoint that transformers and vLLM load without automp,
-  built from the stored codes and scales with nothing re-quantized.
+  built from the stored codes and scales with nothing re-quantized; the low-rank corrections of ``+rN`` layers
+  go beside it as a PEFT LoRA adapter (``adapter/``). The other exports refuse runs with ``+rN`` layers.
 * ``gptq``: a GPTQ checkpoint (``qweight``/``qzeros``/``scales``/``g_idx`` with ``dynamic`` overrides) that
   GPTQModel and vLLM load, built from the stored codes and scales with nothing re-quantized.
 * ``gguf``: one ``.gguf`` file that llama.cpp runs, for runs quantized in GGUF formats.

@@ -19,6 +19,13 @@ fp8 or power-of-two group scales. Those formats are refused, as are GGUF (llama.
 blocks (super-block scales, quantized sub-block scales and mins) compressed-tensors cannot express.
 GPT-2's ``Conv1D`` layers are refused too, because compressed-tensors compresses ``nn.Linear`` only.
 
+A layer in a ``+rN`` format is written in its base format (``Format.base``, grouped with that format's
+layers), and its low-rank correction ``B A`` goes into a PEFT LoRA adapter in ``DIR/adapter/``
+(``peft_adapter.py``): ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR), DIR / "adapter")``
+computes what automp's model computes, and vLLM serves it with ``--enable-lora``. The byte counts include the
+adapter's tensors (``adapter_bytes``), and the report's ``adapter`` says where it is and which
+``--max-lora-rank`` vLLM needs.
+
 Loading: ``AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32)`` needs no flags, on CPU too.
 transformers keeps the packed weights and decompresses them on the first forward pass; with
 ``quantization_config=CompressedTensorsConfig(dequantize=True)`` it decompresses at load time. In float32
@@ -48,8 +55,9 @@ from transformers.pytorch_utils import Conv1D
 
 from automp.checkpoint import DENSE_TENSORS, QUANT_TENSORS, payload_bytes
 from automp.errors import AutompError
-from automp.export.run_dir import RunDir
-from automp.export.vllm_support import vllm_warnings
+from automp.export.peft_adapter import split_corrections, write_adapter
+from automp.export.run_dir import RunDir, listing
+from automp.export.vllm_support import lora_warnings, vllm_warnings
 from automp.formats import Format
 from automp.quantizers.qweight import QuantizedWeight
 
@@ -61,31 +69,41 @@ AUX_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "voca
 
 
 def export_compressed_tensors(run: RunDir, out: Path, engine: str) -> dict:
-    """Write the checkpoint into ``out``; returns the byte counts and the engine warnings."""
+    """Write the checkpoint (and, for ``+rN`` layers, the LoRA adapter) into ``out``; returns the byte counts,
+    the adapter written (None without corrections) and the engine warnings."""
     _check_representable(run)
     qweights = run.quantized_weights()
+    bases, corrections = split_corrections(qweights)
     tensors = run.dense_tensors()
-    for name, qweight in qweights.items():
+    for name, qweight in bases.items():
         tensors.update(pack_layer(name, qweight))
     save_file(tensors, out / MODEL_FILE, metadata={"format": "pt"})
-    _write_config(run, out, quantization_config(run.skeleton, qweights), _stored_dtype(tensors))
+    _write_config(run, out, quantization_config(run.skeleton, bases), _stored_dtype(tensors))
     for pattern in AUX_FILES:
         for file in run.path.glob(pattern):
             shutil.copy2(file, out / file.name)
+    adapter = write_adapter(out, corrections) if corrections else None
 
     on_disk = _tensor_bytes(out / MODEL_FILE)
+    adapter_bytes = adapter["bytes"] if adapter else 0
     quant_on_disk = sum(size for name, size in on_disk.items() if name.rsplit(".", 1)[-1] in QUANT_SUFFIXES)
-    computed = sum(q.stored_bytes() for q in qweights.values())
+    quant_on_disk += adapter_bytes
+    computed = sum(q.stored_bytes() for q in qweights.values())  # a +rN layer's bytes include its correction
     formats = Counter(q.fmt.name for q in qweights.values())
+    warnings = []
+    if engine == "vllm":
+        warnings = vllm_warnings(run.inventory, run.allocation) + lora_warnings(run.inventory, run.allocation)
     return {
         "quantized_bytes_on_disk": quant_on_disk,
         "quantized_bytes_automp": computed,
         "quantized_bytes_ratio": quant_on_disk / computed if computed else 1.0,
         "weight_shape_bytes": sum(size for name, size in on_disk.items() if name.endswith(".weight_shape")),
-        "payload_bytes": payload_bytes(out / MODEL_FILE),
+        "adapter_bytes": adapter_bytes,
+        "payload_bytes": payload_bytes(out / MODEL_FILE) + adapter_bytes,
         "automp_payload_bytes": payload_bytes(run.path / QUANT_TENSORS) + payload_bytes(run.path / DENSE_TENSORS),
         "layers_by_format": dict(sorted(formats.items())),
-        "warnings": vllm_warnings(run.inventory, run.allocation) if engine == "vllm" else [],
+        "adapter": adapter,
+        "warnings": warnings,
     }
 
 
@@ -114,7 +132,9 @@ def quantization_args(fmt: Format) -> QuantizationArgs:
 
 
 def quantization_config(skeleton: nn.Module, qweights: dict[str, QuantizedWeight]) -> QuantizationConfig:
-    """One config group per format present, targeting its layers by exact name; every other linear is ignored."""
+    """One config group per format present, targeting its layers by exact name; every other linear is ignored.
+
+    ``qweights`` are the stored bases (``split_corrections``): a ``+rN`` layer is grouped by its base format."""
     by_format: dict[str, list[str]] = defaultdict(list)
     for name, qweight in qweights.items():
         by_format[qweight.fmt.name].append(name)
@@ -134,27 +154,24 @@ def _check_representable(run: RunDir) -> None:
     quantized = {name: fmt for name, fmt in formats.items() if fmt.quantized}
     gguf = sorted(f"{name} ({fmt.name})" for name, fmt in quantized.items() if fmt.kind == "gguf")
     if gguf:
+        ranked = any(fmt.rank for fmt in quantized.values() if fmt.kind == "gguf")
+        requantize = " (quantized without +rN, which --format gguf refuses)" if ranked else ""
         raise AutompError(
             "compressed-tensors cannot express GGUF (llama.cpp) formats: their blocks carry super-block scales, "
             "quantized sub-block scales and mins or a non-linear codebook. Export this run with --format gguf "
-            f"(a .gguf file for llama.cpp) instead; GGUF layers: {_listing(gguf)}"
+            f"(a .gguf file for llama.cpp) instead{requantize}; GGUF layers: {listing(gguf)}"
         )
     codebooks = sorted(f"{name} ({fmt.name})" for name, fmt in quantized.items() if fmt.kind != "int")
     if codebooks:
         raise AutompError(
             "compressed-tensors has no codebook formats (its pack-quantized format is integer-only and its fp4 "
-            f"formats use fp8 or power-of-two scales), so these layers cannot be exported: {_listing(codebooks)}"
+            f"formats use fp8 or power-of-two scales), so these layers cannot be exported: {listing(codebooks)}"
         )
     conv = sorted(name for name in quantized if isinstance(run.skeleton.get_submodule(name), Conv1D))
     if conv:
         raise AutompError(
-            f"compressed-tensors compresses nn.Linear layers only, and these are GPT-2 Conv1D layers: {_listing(conv)}"
+            f"compressed-tensors compresses nn.Linear layers only, and these are GPT-2 Conv1D layers: {listing(conv)}"
         )
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:

@@ -24,6 +24,10 @@ linear layers keep automp's quantization:
   ``ByteLevel`` without regex is ``llama-bpe``. Any other pre-tokenizer, and SentencePiece tokenizers,
   are refused with one error before anything is written.
 
+Runs with ``+rN`` layers are refused: llama.cpp applies a low-rank correction only as a separate LoRA
+adapter (``--lora``), which this export does not write (``peft_adapter.py`` says why the PEFT adapter of
+``--format compressed-tensors`` offers no llama.cpp route either).
+
 Only ``LlamaForCausalLM`` is supported. The file is written under a temporary name and renamed into
 place, so a failed export leaves no partial ``model.gguf``.
 """
@@ -41,10 +45,16 @@ import numpy as np
 import torch
 
 from automp.errors import AutompError
+from automp.export.peft_adapter import refuse_corrections
 from automp.export.run_dir import RunDir
 from automp.quantizers.gguf_weight import GGUFWeight
 
 GGUF_FILE = "model.gguf"
+GGUF_REASON = "llama.cpp applies a low-rank correction only as a separate LoRA adapter (--lora), not written here"
+GGUF_ADVICE = (  # for a run with +rN layers
+    "Quantize these layers without +rN for llama.cpp; --format compressed-tensors writes corrections as a PEFT "
+    "LoRA adapter for vLLM or transformers (automp's integer formats only)"
+)
 ARCHITECTURES = ("LlamaForCausalLM",)
 LLAMA3_REGEX = (  # Llama 3's tokenizer.json split pattern (llama.cpp: pre-tokenizer llama-bpe)
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -67,6 +77,7 @@ FILE_TYPES = {  # the GGML type with the most weights -> general.file_type (llam
 
 def export_gguf(run: RunDir, out: Path) -> dict:
     """Write ``out/model.gguf`` (automp's weights for llama.cpp); returns the report."""
+    refuse_corrections(run, "gguf", GGUF_REASON, GGUF_ADVICE)
     import gguf
 
     hparams = json.loads((run.path / "config.json").read_text())

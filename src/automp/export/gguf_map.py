@@ -45,7 +45,8 @@ Tensor names follow llama.cpp's converter: ``blk.N.attn_q``/``attn_k``/``attn_v`
 ``token_embd`` and ``output`` for ``lm_head``. automp keeps the embeddings and, unless it was quantized,
 ``lm_head`` in 16-bit (a tied head is no tensor of its own). K-quants need rows of a multiple of 256 and the
 others rows of a multiple of 32. llama.cpp substitutes a fallback type for other shapes, and those tensors
-are reported as warnings.
+are reported as warnings. A run with ``+rN`` layers is refused: their low-rank corrections fit automp's
+quantization error, not the weights llama-quantize would produce.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from collections import Counter
 from pathlib import Path
 
 from automp.errors import AutompError
+from automp.export.peft_adapter import recipe_reason, refuse_corrections
 from automp.export.run_dir import RunDir
 from automp.formats import Format
 
@@ -102,6 +104,7 @@ def gguf_tensor_name(role: str, block: int, name: str) -> str:
 
 def export_gguf_map(run: RunDir, out: Path) -> dict:
     """Write ``tensor_types.txt``, ``tensor_types.args`` and ``gguf_map.json`` into ``out``; returns the report."""
+    refuse_corrections(run, "gguf-map", recipe_reason("llama-quantize"))
     rows = _rows(run)
     weights = Counter()
     for row in rows:

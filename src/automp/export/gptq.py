@@ -32,7 +32,8 @@ with the most weights at the top level and ``dynamic`` overrides for the other l
 ones, the same keys as ``--format gptq-dynamic``. The other tensors (embeddings, norms, 16-bit layers,
 ``lm_head`` unless quantized) are stored in fp16 in ``model.safetensors``. Refused with one error, before
 anything is written: codebook (nf4, fp4) and GGUF-type layers, which GPTQ's integer grid cannot express,
-and layers whose dimensions do not pack into whole int32 words.
+and layers whose dimensions do not pack into whole int32 words, and ``+rN`` layers, whose low-rank corrections
+GPTQ has no tensors for (``--format compressed-tensors`` writes them as a PEFT LoRA adapter, ``peft_adapter.py``).
 
 Which kernels serve what (read from GPTQModel 7.6 and vLLM's ``gptq.py``/``gptq_marlin.py``/``gptq_utils.py``):
 
@@ -69,7 +70,8 @@ from safetensors.torch import save_file
 from automp.checkpoint import DENSE_TENSORS, QUANT_TENSORS, payload_bytes
 from automp.errors import AutompError
 from automp.export.gptq_dynamic import CONFIG_FILE, gptq_config
-from automp.export.run_dir import RunDir
+from automp.export.peft_adapter import refuse_corrections
+from automp.export.run_dir import RunDir, listing
 from automp.export.vllm_support import MARLIN_GROUPS, fused_warnings, tiling_warnings
 from automp.formats import Format
 from automp.quantizers.qweight import QuantizedWeight
@@ -144,7 +146,7 @@ def checkpoint_format(qweights: dict[str, QuantizedWeight]) -> tuple[str, str]:
     """``gptq`` (v1) unless an asymmetric zero-point is 0, which only ``gptq_v2`` can store; and why."""
     zero = sorted(name for name, q in qweights.items() if q.zero is not None and bool((q.zero == 0).any()))
     if zero:
-        return "gptq_v2", "v1 stores zero - 1 and cannot hold the zero-point 0 of " + _listing(zero)
+        return "gptq_v2", "v1 stores zero - 1 and cannot hold the zero-point 0 of " + listing(zero)
     return "gptq", "GPTQ v1, which every GPTQ loader reads"
 
 
@@ -207,7 +209,7 @@ def vllm_gptq_warnings(run: RunDir) -> list[str]:
         warnings.append(
             "vLLM's gptq_marlin kernel serves symmetric 4/8-bit layers only; these layers need its gptq (exllama) "
             "kernel (fp16 activations only): serve the checkpoint with --quantization gptq, since vLLM picks "
-            "gptq_marlin whenever the top-level format fits it and then refuses them: " + _listing(exllama)
+            "gptq_marlin whenever the top-level format fits it and then refuses them: " + listing(exllama)
         )
     else:
         warnings += tiling_warnings(run.inventory, run.allocation)
@@ -215,12 +217,13 @@ def vllm_gptq_warnings(run: RunDir) -> list[str]:
 
 
 def _check_representable(run: RunDir) -> None:
+    refuse_corrections(run, "gptq", "a GPTQ checkpoint holds quantized weights only")
     formats = {layer.name: run.allocation.format_of(layer.name) for layer in run.inventory.layers}
     others = sorted(f"{name} ({fmt.name})" for name, fmt in formats.items() if fmt.quantized and fmt.kind != "int")
     if others:
         raise AutompError(
             "GPTQ checkpoints hold integer codes with fp16 scales only (no codebook or GGUF block formats), so "
-            f"these layers cannot be exported with --format gptq: {_listing(others)}; use --format gptq-dynamic, "
+            f"these layers cannot be exported with --format gptq: {listing(others)}; use --format gptq-dynamic, "
             "or quantize them with an integer format (w4g128, ...)"
         )
     uneven = []
@@ -231,7 +234,7 @@ def _check_representable(run: RunDir) -> None:
     if uneven:
         raise AutompError(
             "GPTQ packs codes along the input and zero-points along the output dimension into whole int32 words, so "
-            f"in * bits and out * bits must be multiples of 32; these layers do not pack: {_listing(uneven)}"
+            f"in * bits and out * bits must be multiples of 32; these layers do not pack: {listing(uneven)}"
         )
 
 
@@ -244,8 +247,3 @@ def _dense_fp16(run: RunDir) -> dict[str, torch.Tensor]:
             raise AutompError(f"{name} has values beyond float16's range; a GPTQ checkpoint stores fp16 tensors")
         tensors[name] = half.contiguous()
     return tensors
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more

@@ -16,6 +16,8 @@ that fused name (it matches no Hugging Face module). GPTQ has no codebooks, so n
 GGUF-type layers) become integer layers of the same bits and group size, and a warning lists them.
 Per-channel formats are ``group_size: -1``. automp's act-order GPTQ with static groups corresponds to
 GPTQModel's ``desc_act: true`` with ``static_groups: true``; GPTQModel reads both at the top level.
+A run with ``+rN`` layers is refused: their low-rank corrections fit automp's quantization error, not the
+weights GPTQModel would produce from the recipe.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
 
+from automp.export.peft_adapter import recipe_reason, refuse_corrections
 from automp.export.run_dir import RunDir
 from automp.formats import Format
 
@@ -98,6 +101,7 @@ def gptq_config(run: RunDir, *, desc_act: bool, static_groups: bool, checkpoint_
 
 def export_gptq_dynamic(run: RunDir, out: Path) -> dict:
     """Write ``quantize_config.json`` into ``out``; returns the default fields, the override count and warnings."""
+    refuse_corrections(run, "gptq-dynamic", recipe_reason("GPTQModel"))
     settings = run.settings
     act_order = settings.get("method") == "gptq" and bool(settings.get("act_order", True))
     config = gptq_config(run, desc_act=act_order, static_groups=act_order, checkpoint_format="gptq")

@@ -86,3 +86,9 @@ class RunDir:
             return load_file(self.path / DENSE_TENSORS)
         except Exception as err:
             raise AutompError(f"corrupt automp checkpoint in {self.path}: {err}") from err
+
+
+def listing(items: list[str], limit: int = 8) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are (for error messages)."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -12,6 +12,14 @@ Marlin kernel (Machete on Hopper for the shapes it covers). Marlin implements
 Other widths (2 and 3 bits, asymmetric 8-bit) load in transformers only. vLLM also fuses q/k/v and
 gate/up into one GEMM with one scheme, so a fused group whose members have different formats (a
 16-bit member counts as a format) cannot be served; the search's tie constraints prevent this.
+A ``+rN`` layer counts as its base format there: its correction is a LoRA adapter beside the checkpoint.
+
+The adapter (``peft_adapter.py``) is served with ``--enable-lora --max-lora-rank R``, where ``R`` must be at
+least the largest rank and one of ``VLLM_MAX_LORA_RANKS`` (``MaxLoRARanks`` in vllm/config/lora.py,
+https://docs.vllm.ai/en/v0.14.0/api/vllm/config/lora/). LoRA layers wrap any linear quantization method
+(https://github.com/vllm-project/vllm/pull/4012) and pack q/k/v and gate/up adapters into the fused modules.
+An adapter on ``lm_head`` is served only for models whose vLLM class declares ``lm_head`` among its LoRA
+``embedding_modules`` (Llama's does), through its logits processor; other models reject the adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 from automp.allocation import Allocation
 from automp.formats import Format
 from automp.model import Inventory
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
 
 MARLIN_GROUPS = (None, 32, 64, 128)  # None: one scale per output channel
 MARLIN_TILE_OUT, MARLIN_TILE_IN = 64, 128
@@ -59,8 +69,8 @@ def tiling_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
 
 
 def fused_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
-    """Fused groups (q/k/v, gate/up) whose members have different formats: vLLM cannot load them."""
-    mixed = [group for group in inv.fused if len({allocation.formats[name] for name in group}) > 1]
+    """Fused groups (q/k/v, gate/up) whose members have different (base) formats: vLLM cannot load them."""
+    mixed = [group for group in inv.fused if len({allocation.format_of(name).base for name in group}) > 1]
     if not mixed:
         return []
     described = "; ".join(", ".join(f"{name} ({allocation.formats[name]})" for name in group) for group in mixed)
@@ -68,3 +78,27 @@ def fused_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
         "vLLM fuses q/k/v and gate/up into one module with one format, so these fused groups with mixed formats "
         "cannot load in vLLM (tie their formats in the search): " + described
     ]
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest ``--max-lora-rank`` vLLM accepts that serves ``rank``; None beyond its largest."""
+    return next((allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank), None)
+
+
+def lora_warnings(inv: Inventory, allocation: Allocation) -> list[str]:
+    """Where vLLM cannot serve the LoRA adapter of the ``+rN`` layers as written (empty without any)."""
+    ranks = {lay.name: allocation.format_of(lay.name).rank for lay in inv.layers}
+    warnings = []
+    too_high = [f"{name} (rank {rank})" for name, rank in ranks.items() if vllm_max_lora_rank(rank) is None]
+    if too_high:
+        warnings.append(
+            f"vLLM serves LoRA ranks up to --max-lora-rank {max(VLLM_MAX_LORA_RANKS)}, so it cannot load the adapter "
+            "with these corrections (transformers with PEFT can): " + ", ".join(too_high)
+        )
+    heads = [lay.name for lay in inv.layers if lay.role == "lm_head" and ranks[lay.name]]
+    if heads:
+        warnings.append(
+            "vLLM applies a LoRA adapter to lm_head only for models whose vLLM class lists lm_head among its LoRA "
+            "embedding_modules (Llama's does) and rejects the adapter otherwise; corrected head: " + ", ".join(heads)
+        )
+    return warnings

@@ -11,6 +11,9 @@ GGUF formats round on a grid fixed up front too: every block's super-block scale
 sub-block scales and mins are llama.cpp's importance-matrix choice for the original weights, with
 ``diag(H)`` (the mean squared input per column, llama.cpp's imatrix) as the importance
 (``gguf_quantize.GGUFGrid``). GPTQ then only chooses the codes on it.
+
+A ``+rN`` format is GPTQ in its base format, then the rank-N correction of what GPTQ left
+(``lowrank.py``, ``correction`` names the estimator) fitted with the same ``H``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from automp.errors import AutompError
 from automp.formats import Format, GroupParams, fit_params, quantize_dequantize
 from automp.quantizers.gguf_quantize import GGUFGrid
 from automp.quantizers.gguf_weight import GGUFWeight
-from automp.quantizers.qweight import QuantizedWeight, QWeight
+from automp.quantizers.qweight import CorrectedWeight, QuantizedWeight, QWeight
 
 
 class HessianAccumulator:
@@ -47,8 +50,12 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     blocksize: int = 128,
+    correction: str = "exact",
 ) -> QWeight:
     """GPTQ-quantize an (out, in) weight given its input Hessian (in, in)."""
+    if fmt.rank:
+        base = gptq_quantize(weight, hessian, fmt.base, damp=damp, act_order=act_order, blocksize=blocksize)
+        return CorrectedWeight.fit(weight, base, hessian, fmt, correction)
     rows, cols = weight.shape
     fmt.check_weight(weight)
     g = fmt.group(cols)

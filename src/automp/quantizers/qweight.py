@@ -3,7 +3,8 @@
 ``QuantizedWeight`` is what every quantizer returns for automp's own formats and what checkpoints hold.
 Codes and zero-points are bit-packed densely (``n * bits`` bits, no padding per value), so the bytes on
 disk equal ``Format.storage_bits`` / 8. GGUF formats are held as llama.cpp's blocks instead
-(``GGUFWeight``, same interface); :func:`load_qweight` rebuilds either from its stored tensors.
+(``GGUFWeight``, same interface). A ``+rN`` format's weight is a ``CorrectedWeight``: either of those plus
+its low-rank correction (``lowrank.py``). :func:`load_qweight` rebuilds any of them from its stored tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from automp.formats import Format, GroupParams, decode, encode, get_format
 from automp.quantizers.gguf_weight import GGUFWeight
+from automp.quantizers.lowrank import LowRankCorrection, fit_correction
 
 
 @dataclass
@@ -81,12 +83,59 @@ class QuantizedWeight:
         return QuantizedWeight(self.fmt, self.codes.to(device), self.scale.to(device), zero)
 
 
-QWeight = QuantizedWeight | GGUFWeight  # what quantizers return and checkpoints hold
+@dataclass
+class CorrectedWeight:
+    """A ``+rN`` format's weight: the quantized ``base`` plus its low-rank correction ``B A``."""
+
+    fmt: Format  # the format with its rank (``fmt.base`` is ``base.fmt``)
+    base: QuantizedWeight | GGUFWeight
+    correction: LowRankCorrection
+
+    @classmethod
+    def fit(
+        cls, weight: torch.Tensor, base: QuantizedWeight | GGUFWeight, hessian: torch.Tensor | None, fmt: Format,
+        method: str = "exact",
+    ) -> CorrectedWeight:  # fmt: skip
+        """Correct ``base`` (quantized from ``weight`` in ``fmt.base``) with a rank-``fmt.rank`` fit."""
+        return cls(fmt, base, fit_correction(weight, base.dequantize(), hessian, fmt.rank, method))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.base.shape
+
+    def dequantize(self) -> torch.Tensor:
+        quantized = self.base.dequantize()
+        return quantized + self.correction.delta().to(quantized.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        lora = {"lora_A": self.correction.A.contiguous(), "lora_B": self.correction.B.contiguous()}
+        return self.base.state_dict() | lora
+
+    @classmethod
+    def from_state_dict(
+        cls, fmt_name: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor]
+    ) -> CorrectedWeight:
+        fmt = get_format(fmt_name)
+        base = {k: v for k, v in tensors.items() if not k.startswith("lora_")}
+        correction = LowRankCorrection(A=tensors["lora_A"], B=tensors["lora_B"])
+        return cls(fmt, load_qweight(fmt.base.name, shape, base), correction)
+
+    def stored_bytes(self) -> int:
+        """The base's bytes plus ``A`` and ``B`` in fp16: exactly ``fmt.storage_bits(*shape) / 8``."""
+        return self.base.stored_bytes() + (self.correction.A.numel() + self.correction.B.numel()) * 2
+
+    def to(self, device: torch.device | str) -> CorrectedWeight:
+        correction = LowRankCorrection(self.correction.A.to(device), self.correction.B.to(device))
+        return CorrectedWeight(self.fmt, self.base.to(device), correction)
+
+
+QWeight = QuantizedWeight | GGUFWeight | CorrectedWeight  # what quantizers return and checkpoints hold
 
 
 def load_qweight(fmt_name: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> QWeight:
-    """A stored weight rebuilt from its ``state_dict()`` tensors: a GGUFWeight for GGUF formats."""
-    cls = GGUFWeight if get_format(fmt_name).kind == "gguf" else QuantizedWeight
+    """A stored weight rebuilt from its ``state_dict()`` tensors: the class its format calls for."""
+    fmt = get_format(fmt_name)
+    cls = CorrectedWeight if fmt.rank else GGUFWeight if fmt.kind == "gguf" else QuantizedWeight
     return cls.from_state_dict(fmt_name, shape, tensors)
 
 

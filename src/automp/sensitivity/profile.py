@@ -30,6 +30,10 @@ errors are GPTQ's, applied to this layer alone on its full-precision inputs):
 * ``kl`` (optional): the mean per-token ``KL(full || quantized)`` on separate windows, with only
   this layer quantized.
 
+A ``+rN`` format's ``dW`` is what is left after its low-rank correction (``quantizers/lowrank.py``,
+fitted with the same ``H``), so every proxy prices bits and rank in the same units; its ``bits``
+include the correction's ``A`` and ``B``. GPTQ runs once per base format and layer.
+
 **Per window** (``per_window=True``, optional): the hessian, fisher and outgrad costs split into one
 term per calibration window (``automp.sensitivity.windows``), for ``--bootstrap``. It keeps the GPTQ
 codes of every layer x format (``codes/<name>.safetensors``; measured again from the pre-pass Hessian
@@ -79,7 +83,7 @@ from automp.formats import Format
 from automp.model import Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
 from automp.quantize import GPTQConfig
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
-from automp.quantizers.qweight import QWeight
+from automp.quantizers.qweight import CorrectedWeight, QWeight
 from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, SensitivityTable
 from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts, load_codes, measure_windows, save_codes
 
@@ -400,7 +404,16 @@ def _measure_layer(
     hessian = prepass.hessians[layer.name]
     grad, fisher = prepass.grads[layer.name].double(), prepass.fisher[layer.name].double()
     output_fisher = prepass.output_fisher[layer.name].double()
-    costs = {}
+    costs, plain = {}, {}
+
+    def quantize(fmt: Format) -> QWeight:
+        """GPTQ in ``fmt``; a +rN format corrects its base format's result (GPTQ once per base)."""
+        if fmt.rank:
+            return CorrectedWeight.fit(weight, quantize(fmt.base), hessian, fmt, gptq.correction)
+        if fmt.name not in plain:
+            plain[fmt.name] = gptq_quantize(weight, hessian, fmt, **asdict(gptq))
+        return plain[fmt.name]
+
     for fmt in formats:
         bits = fmt.storage_bits(layer.out_features, layer.in_features)
         if not fmt.quantized:
@@ -411,7 +424,7 @@ def _measure_layer(
             costs[fmt.name] = zero.model_dump()
             continue
         with stage("gptq"):
-            qweight = gptq_quantize(weight, hessian, fmt, **asdict(gptq))
+            qweight = quantize(fmt)
             quantized = qweight.dequantize()
         if codes is not None:
             codes[fmt.name] = qweight
