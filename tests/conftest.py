@@ -14,6 +14,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from automp import Allocation, quantize_
+from automp.checkpoint import save_quantized
 from automp.demo_model import stdlib_corpus, train_model, train_tokenizer
 
 torch.set_num_threads(2)
@@ -84,3 +86,14 @@ def trained_dir(tmp_path_factory, corpus) -> Path:
     (out.parent / "eval.txt").write_text(corpus[1][:60_000])
     (out.parent / "calib.txt").write_text(corpus[0][400_000:600_000])
     return out
+
+
+def save_tiny_run(path: Path, tokenizer, config: dict, formats: dict[str, str], method="rtn", calib=None):
+    """A random tiny Llama (``LlamaConfig(**config)``, seed 0) quantized under ``formats`` and saved as an
+    automp run directory; returns the quantized model and its stored weights."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**config)).eval()
+    allocation = Allocation(formats=formats)
+    qweights = quantize_(model, allocation, method, calib, progress=False)
+    save_quantized(path, model, tokenizer, allocation, qweights)
+    return model, qweights

@@ -7,17 +7,17 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from automp import Allocation, AutompError, quantize_
-from automp.checkpoint import save_quantized
+from automp import Allocation, AutompError
 from automp.cli import app
 from automp.export import RunDir
 from automp.export.run_dir import SETTINGS_FILE
 from automp.export.vllm_support import vllm_warnings
 from automp.pipeline import export
 from automp.settings import ExportSettings
+from conftest import save_tiny_run
 
 # hidden 128, 2 KV heads of 32: every shape tiles for Marlin, so only format problems are warned about
 CONFIG = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -38,11 +38,7 @@ IDS = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(0))
 
 def _quantized_run(path, tokenizer, formats: dict[str, str]):
     """A random tiny Llama quantized with RTN under ``formats`` and saved as an automp run; returns its logits."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
-    allocation = Allocation(formats=formats)
-    qweights = quantize_(model, allocation, "rtn", progress=False)
-    save_quantized(path, model, tokenizer, allocation, qweights)
+    model, qweights = save_tiny_run(path, tokenizer, CONFIG, formats)
     with torch.no_grad():
         return model(IDS).logits, qweights
 

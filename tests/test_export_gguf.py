@@ -6,16 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 from typer.testing import CliRunner
 
-from automp import Allocation, AutompError, quantize_
-from automp.checkpoint import save_quantized
+from automp import AutompError
 from automp.cli import app
 from automp.export import RunDir
 from automp.export.gguf_file import GGUF_FILE, export_gguf, permute, unpermute
 from automp.export.gguf_map import ARGS_FILE, TYPES_FILE, export_gguf_map
+from conftest import save_tiny_run
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -39,12 +37,7 @@ FORMATS = {  # GGUF formats (K-quants where rows are 256 long: down_proj), one 1
 
 def _save_run(path, tokenizer, formats: dict[str, str]) -> dict:
     """A random tiny Llama quantized with RTN under ``formats`` and saved as an automp run; returns its weights."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
-    allocation = Allocation(formats=formats)
-    qweights = quantize_(model, allocation, "rtn", progress=False)
-    save_quantized(path, model, tokenizer, allocation, qweights)
-    return qweights
+    return save_tiny_run(path, tokenizer, CONFIG, formats)[1]
 
 
 @pytest.fixture(scope="module")

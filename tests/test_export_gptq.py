@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from automp import Allocation, AutompError, quantize_
-from automp.checkpoint import save_quantized
+from automp import AutompError
 from automp.export import RunDir
 from automp.export.gptq import checkpoint_format, pack_int32, pack_layer, unpack_int32
 from automp.formats import get_format
 from automp.pipeline import export
 from automp.quantizers.rtn import rtn_quantize
 from automp.settings import ExportSettings
+from conftest import save_tiny_run
 
 CONFIG = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)  # fmt: skip
@@ -132,11 +131,7 @@ def test_zero_point_zero_needs_v2():
 @pytest.fixture(scope="module")
 def gptq_export(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("gptq")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
-    allocation = Allocation(formats=FORMATS)
-    qweights = quantize_(model, allocation, "rtn", progress=False)
-    save_quantized(root / "run", model, tokenizer, allocation, qweights)
+    model, qweights = save_tiny_run(root / "run", tokenizer, CONFIG, FORMATS)
     report = export(ExportSettings(run=root / "run", format="gptq", out=root / "gptq"))
     return root, model, qweights, report
 
@@ -206,12 +201,9 @@ def test_report_names_engines_and_vllm_limits(gptq_export):
 
 
 def test_codebook_layers_are_refused_with_no_output(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
     formats = {**dict.fromkeys(FORMATS, "w4g128"), "model.layers.1.mlp.up_proj": "nf4g64",
                "model.layers.0.self_attn.o_proj": "fp4g32"}  # fmt: skip
-    allocation = Allocation(formats=formats)
-    save_quantized(tmp_path / "run", model, tokenizer, allocation, quantize_(model, allocation, "rtn", progress=False))
+    save_tiny_run(tmp_path / "run", tokenizer, CONFIG, formats)
     with pytest.raises(AutompError, match=r"o_proj \(fp4g32\), model\.layers\.1\.mlp\.up_proj \(nf4g64\)"):
         export(ExportSettings(run=tmp_path / "run", format="gptq", out=tmp_path / "gptq"))
     assert not (tmp_path / "gptq").exists() and not (tmp_path / ".gptq.partial").exists()

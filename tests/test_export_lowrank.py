@@ -7,11 +7,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from automp import Allocation, AutompError, quantize_
-from automp.checkpoint import payload_bytes, save_quantized
+from automp import Allocation, AutompError
+from automp.checkpoint import payload_bytes
 from automp.cli import app
 from automp.export import RunDir
 from automp.export.peft_adapter import ADAPTER_DIR, ADAPTER_FILE, PEFT_PREFIX
@@ -19,6 +19,7 @@ from automp.export.vllm_support import VLLM_MAX_LORA_RANKS, lora_warnings, vllm_
 from automp.formats import get_format
 from automp.pipeline import export
 from automp.settings import ExportSettings
+from conftest import save_tiny_run
 
 CONFIG = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)  # fmt: skip
@@ -40,12 +41,7 @@ CALIB = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(1
 
 def _save_run(path, tokenizer, formats: dict[str, str], method: str = "gptq"):
     """A random tiny Llama quantized under ``formats`` and saved as an automp run; returns the model."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
-    allocation = Allocation(formats=formats)
-    qweights = quantize_(model, allocation, method, CALIB if method == "gptq" else None, progress=False)
-    save_quantized(path, model, tokenizer, allocation, qweights)
-    return model
+    return save_tiny_run(path, tokenizer, CONFIG, formats, method, CALIB if method == "gptq" else None)[0]
 
 
 @pytest.fixture(scope="module")
