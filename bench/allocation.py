@@ -37,6 +37,7 @@ on the held-out slice. Finished rows are cached in ``--work``, so a killed run r
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from automp.allocation import Allocation  # noqa: E402
 from automp.data import load_heldout_windows, load_windows  # noqa: E402
 from automp.delivery import RealQuality, verify_delivery  # noqa: E402
-from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
+from automp.evaluate import Perplexity, kl_to_reference, paired_delta, perplexity  # noqa: E402
 from automp.formats import parse_formats  # noqa: E402
 from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
@@ -66,6 +67,7 @@ FORMATS = "w2,w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w8,fp16"
 TARGETS = {2.25: "w2g64", 2.5: "w2g32", 3.125: "w3g128", 3.5: "w3g32", 4.125: "w4g128"}
 HELD_OUT = "corpus/wikipedia/enwiki2015_AD_wiki_93.txt"  # a shard bench-a never saw in training
 IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # another unseen one: in-domain test text
+HIDDEN = ("nll", "indomain_nll", "window_kl", "indomain_window_kl", "curve")  # per-window lists
 KL_WINDOWS = 8  # the first held-out windows measure the profile's KL proxy, the next ones the solvers
 RL_TARGET, RL_FORMATS = 4.125, ["w3g128", "w4g128", "w8"]
 TIE_SE = 2.0  # the alternative selection rule the split-half table tests: keep the search's own within this many SE
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--run-proxy", default=RunSettings.model_fields["proxy"].default, help="the run's search proxy")
     parser.add_argument("--verify-windows", type=int, default=RunSettings.model_fields["verify_windows"].default)
     parser.add_argument("--bootstrap", type=int, default=0, help="resamples for the stability table")
+    parser.add_argument("--kl", action="store_true", help="also each row's KL to FP16 on both texts (2x the eval)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     work = Path(args.work)
@@ -100,6 +103,7 @@ def main() -> None:
     heldout = heldout[: KL_WINDOWS + args.heldout_windows]
     indomain = load_windows(str(Path(args.data) / IN_DOMAIN), bench.tokenizer, seqlen)[: args.indomain_windows]
     indomain_fp = perplexity(bench.model, indomain, progress=False)
+    fp_model = copy.deepcopy(bench.model).eval() if args.kl else None
     with Timer() as profile_timer:
         table = profile_model(
             bench.model, parse_formats(FORMATS), bench.calib, model_name=args.model,
@@ -125,18 +129,23 @@ def main() -> None:
             row = {"key": key, **extra, "avg_bits": allocation.avg_bits(inv), "heldout_ppl": evaluator(allocation)}
             evaluator.restore()
             cache.put(key, row)
-        if full and not {"ppl", "indomain_ppl"} <= set(row):
+        wanted = {"ppl", "indomain_ppl"} | ({"kl"} if args.kl else set())
+        if full and not wanted <= set(row):
             model = bench.reset()
             quantize_(model, Allocation.load(path), "gptq", bench.calib, progress=False)
-            if "ppl" not in row:
-                result = perplexity(model, bench.eval_windows, progress=False)
-                row |= {"ppl": result.ppl, "delta_ppl_pct": 100 * (result.ppl / bench.baseline.ppl - 1)}
-                row["nll"] = result.window_nll
+            result = perplexity(model, bench.eval_windows, progress=False)
+            row |= {"ppl": result.ppl, "delta_ppl_pct": 100 * (result.ppl / bench.baseline.ppl - 1)}
+            row["nll"] = result.window_nll
             result = perplexity(model, indomain, progress=False)
             row |= {"indomain_ppl": result.ppl, "indomain_delta_pct": 100 * (result.ppl / indomain_fp.ppl - 1)}
             row["indomain_nll"] = result.window_nll
+            if args.kl:  # the distance to FP16, which no text can flatter by chance
+                row["window_kl"] = kl_to_reference(model, fp_model, bench.eval_windows)
+                row["indomain_window_kl"] = kl_to_reference(model, fp_model, indomain)
+                row["kl"] = float(np.mean(row["window_kl"]))
+                row["indomain_kl"] = float(np.mean(row["indomain_window_kl"]))
             bench.reset()
-            print({k: v for k, v in row.items() if k not in ("nll", "indomain_nll", "curve")}, file=sys.stderr)
+            print({k: v for k, v in row.items() if k not in HIDDEN}, file=sys.stderr)
             cache.put(key, row)
         return row
 
@@ -239,6 +248,7 @@ def main() -> None:
         ("indomain_delta_pct", "in-domain ΔPPL %", "+.3f"),
         ("indomain_vs_uniform_nll", "in-domain ΔNLL vs uniform", "+.5f"),
         ("indomain_vs_uniform_se", "±", ".5f"),
+        *([("kl", "KL to FP16 (WikiText)", ".5f"), ("indomain_kl", "KL (in-domain)", ".5f")] if args.kl else []),
         ("changed", "verification changed it", ""),
         ("seconds", "search s", ".2f"),
         ("evaluations", "evals", "d"),
@@ -251,7 +261,7 @@ def main() -> None:
         "formats": FORMATS,
         **timings,
         "indomain": {"text": IN_DOMAIN, "windows": len(indomain), "fp16_ppl": indomain_fp.ppl},
-        "rows": [{k: v for k, v in row.items() if k not in ("nll", "indomain_nll", "curve")} for row in rows],
+        "rows": [{k: v for k, v in row.items() if k not in HIDDEN} for row in rows],
         "curves": {row["key"]: row["curve"] for row in rows if "curve" in row},
         "heldout_ppl_by_proxy": proxy_rows,
         "verification": {row["key"]: row["verification"] for row in rows if "verification" in row},

@@ -21,7 +21,11 @@ importance matrix (``llama-imatrix`` on the calibration text automp uses):
 
 Token embeddings and the output head are F16 on every side (``--token-embedding-type F16
 --output-tensor-type F16`` for llama-quantize; automp keeps them in 16-bit), so the block tensors are
-what differs and file sizes are equal up to each allocation's rounding (both are printed).
+what differs and file sizes are equal up to each allocation's rounding (both are printed). With
+``--embeddings`` they are allocated too: ``automp run --embeddings --lm-head`` chooses ``token_embd`` and
+``output`` types with the block tensors (at the recipe's bits over all of them, so the files are the same
+size), and llama-quantize's recipes keep their own defaults (``token_embd`` the base type, ``output``
+Q6_K); those files and runs carry an ``-embed`` suffix in ``--work``.
 Every file is scored by ``llama-perplexity -c 512`` on WikiText-2 test and on an unseen Wikipedia shard
 (in-domain), all chunks; each chunk's mean NLL (llama-perplexity scores the second half of every chunk)
 is recovered from its cumulative output, and ΔNLL against the recipe at the same size is paired per
@@ -52,6 +56,7 @@ CALIB = "calib/wiki.txt"
 WIKITEXT = "wikitext-2-raw-v1/test.joined.txt"
 IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # a shard bench-a never saw
 DENSE_TYPES = ["--token-embedding-type", "F16", "--output-tensor-type", "F16"]
+OUTER_TENSORS = ("token_embd.weight", "output.weight")  # allocated with --embeddings
 CONVERT = """
 import sys
 sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
@@ -115,11 +120,15 @@ class Llama:
                "-t", self.threads)  # fmt: skip
         return out
 
-    def quantize(self, f16: Path, out: Path, kind: str, imatrix: Path | None = None, types: Path | None = None):
+    def quantize(
+        self, f16: Path, out: Path, kind: str, imatrix: Path | None = None, types: Path | None = None, dense=True
+    ):
+        """``llama-quantize`` of the F16 file; ``dense``: token_embd and output stay F16 (else its defaults)."""
         if not out.is_file():
             extra = ["--imatrix", imatrix] if imatrix else []
             extra += ["--tensor-type-file", types] if types else []
-            sh(self.bin / "llama-quantize", *extra, *DENSE_TYPES, f16, out, kind, self.threads)
+            extra += DENSE_TYPES if dense else []
+            sh(self.bin / "llama-quantize", *extra, f16, out, kind, self.threads)
         return out
 
     def chunk_nll(self, model: Path, text: Path, cache: Path) -> np.ndarray:
@@ -136,18 +145,28 @@ class Llama:
         return i * cumulative - np.concatenate([[0.0], (i * cumulative)[:-1]])
 
 
-def block_bits(path: Path) -> tuple[float, dict[str, int]]:
-    """Bits per weight over the transformer-block tensors (``blk.*``) of a GGUF file, and its type counts."""
+def block_bits(path: Path, embeddings: bool = False) -> tuple[float, dict[str, int]]:
+    """Bits per weight over the transformer-block tensors (``blk.*``) of a GGUF file, ``token_embd`` and
+    ``output`` too with ``embeddings``, and their type counts."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     stored = numel = 0
     types: dict[str, int] = {}
     for tensor in reader.tensors:
-        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+        allocated = tensor.name.startswith("blk.") or (embeddings and tensor.name in OUTER_TENSORS)
+        if allocated and len(tensor.shape) == 2:
             stored, numel = stored + int(tensor.n_bytes), numel + int(np.prod(tensor.shape))
             types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
     return 8 * stored / numel, types
+
+
+def outer_types(path: Path) -> dict[str, str]:
+    """The GGML types of ``token_embd`` and ``output`` in a GGUF file."""
+    from gguf import GGUFReader
+
+    found = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors if t.name in OUTER_TENSORS}
+    return {"token_embd": found.get("token_embd.weight", "-"), "output": found.get("output.weight", "-")}
 
 
 def automp(*args) -> None:
@@ -168,6 +187,10 @@ def main() -> None:
     parser.add_argument("--recipes", default=RECIPES)
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (automp) / chunks (imatrix)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--embeddings", action="store_true",
+        help="allocate token_embd and output too (automp --embeddings --lm-head; llama.cpp's default types)",
+    )  # fmt: skip
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     work, data, model = Path(args.work), Path(args.data), Path(args.model).resolve()
@@ -183,34 +206,37 @@ def main() -> None:
 
     fp = score(f16)
     rows = []
+    embed, dense = "-embed" if args.embeddings else "", not args.embeddings
     for recipe in args.recipes.split(","):
         for with_imatrix in (False, True):
-            tag = f"{recipe}{'-imatrix' if with_imatrix else ''}"
-            reference = llama.quantize(f16, work / f"llama-{tag}.gguf", recipe, imatrix if with_imatrix else None)
-            bits, _ = block_bits(reference)
-            run = work / f"run-{recipe}"
+            tag = f"{recipe}{'-imatrix' if with_imatrix else ''}{embed}"
+            reference = llama.quantize(
+                f16, work / f"llama-{tag}.gguf", recipe, imatrix if with_imatrix else None, dense=dense
+            )
+            bits, _ = block_bits(reference, args.embeddings)
+            run = work / f"run-{recipe}{embed}"
             if not (run / "automp_quant.json").is_file():
                 target = math.ceil(bits * 1e9) / 1e9  # rounded up: the recipe itself must fit
                 automp("run", "--model", model, "--engine", "llama.cpp", "--formats", GGUF_FORMATS,
                        "--target-bits", f"{target:.9f}", "--calib", calib, "--nsamples", args.nsamples,
-                       "--out", run)  # fmt: skip
-            own = work / f"automp-{recipe}"
+                       "--out", run, *(["--embeddings", "--lm-head"] if args.embeddings else []))  # fmt: skip
+            own = work / f"automp-{recipe}{embed}"
             if not (own / "model.gguf").is_file():
                 automp("export", "--run", run, "--format", "gguf", "--out", own)
-            mapped_dir = work / f"map-{recipe}"
+            mapped_dir = work / f"map-{recipe}{embed}"
             if not (mapped_dir / "gguf_map.json").is_file():
                 automp("export", "--run", run, "--format", "gguf-map", "--out", mapped_dir)
             base_type = json.loads((mapped_dir / "gguf_map.json").read_text())["base_type"]
             mapped = llama.quantize(
                 f16, work / f"automp-map-{tag}.gguf", base_type, imatrix if with_imatrix else None,
-                types=mapped_dir / "tensor_types.txt",
+                types=mapped_dir / "tensor_types.txt", dense=dense,
             )  # fmt: skip
             candidates = {f"llama.cpp {recipe}": reference, "automp map": mapped, "automp .gguf": own / "model.gguf"}
             base = score(reference)
             for label, path in candidates.items():
                 scores = score(path)
                 row = {"recipe": recipe, "imatrix": with_imatrix, "label": label, "bytes": path.stat().st_size,
-                       "block_bits": block_bits(path)[0]}  # fmt: skip
+                       "block_bits": block_bits(path, args.embeddings)[0], **outer_types(path)}  # fmt: skip
                 for name in texts:
                     nll = scores[name]
                     row[f"{name}_ppl"] = float(np.exp(nll.mean()))
@@ -221,8 +247,9 @@ def main() -> None:
 
     columns = [
         ("recipe", "size of", ""), ("imatrix", "imatrix", ""), ("label", "file", ""), ("bytes", "bytes", "d"),
-        ("block_bits", "block bpw", ".4f"),
+        ("block_bits", "allocated bpw" if args.embeddings else "block bpw", ".4f"),
     ]  # fmt: skip
+    columns += [("token_embd", "token_embd", ""), ("output", "output", "")] if args.embeddings else []
     for name, title in (("wikitext", "WikiText-2"), ("in-domain", "in-domain")):
         columns += [(f"{name}_ppl", f"{title} PPL", ".3f"), (f"{name}_delta", "ΔNLL vs recipe", "+.5f"),
                     (f"{name}_se", "±", ".5f")]  # fmt: skip

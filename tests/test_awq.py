@@ -10,9 +10,10 @@ from automp.allocation import Allocation
 from automp.checkpoint import model_bytes
 from automp.cli import app
 from automp.data import load_windows
+from automp.execution.blocks import capture_block_inputs, propagate, run_block
 from automp.formats import get_format
 from automp.model import decoder_blocks, inventory, load_model
-from automp.quantize import AWQConfig, _capture_block_inputs, _run_block, _with_hidden, quantize_
+from automp.quantize import AWQConfig, quantize_
 from automp.quantizers.awq import _shared, apply_scales, awq_scale_block, scale_groups
 from automp.quantizers.awq_clip import clip_weight
 from automp.quantizers.rtn import rtn_quantize
@@ -50,14 +51,14 @@ def test_searched_scales_leave_the_trained_model_unchanged(trained_dir):
     # the trained model uses grouped-query attention (4 heads, 2 kv heads): v_proj -> o_proj shares scales
     model, calib = _load(trained_dir), _calib(trained_dir, 8)
     before = _logits(model, calib)
-    inputs = _capture_block_inputs(model, decoder_blocks(model)[0], calib, 4)
+    inputs = capture_block_inputs(model, decoder_blocks(model)[0], calib, 4)
     moved = 0.0
     for block in decoder_blocks(model):
         formats = {layer: get_format("w3g128") for g in scale_groups(block) for layer in g.linears}
         scales = awq_scale_block(block, inputs, formats, clip=False)
         assert scale_groups(block)[1].repeat == 2 and len(scales) == 4
         moved = max(moved, max(s.log().abs().max().item() for s in scales))
-        inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, _run_block(block, inputs), strict=True)]
+        inputs = propagate(inputs, list(run_block(block, inputs)))
     assert moved > 0.1  # the search did pick non-trivial scales
     assert (_logits(model, calib) - before).abs().max().item() < 1e-5
 

@@ -28,6 +28,7 @@ from automp.settings import (
     ExportSettings,
     ProfileSettings,
     QuantizeSettings,
+    RepairSettings,
     RunSettings,
     SearchSettings,
     load_settings,
@@ -58,6 +59,21 @@ SolverOpt = Annotated[str | None, typer.Option(help="knapsack (exact), greedy, q
 ProxyOpt = Annotated[str | None, typer.Option(help="Predicted loss: outgrad, hessian, fisher, grad, weight or kl.")]
 PinOpt = Annotated[list[str] | None, typer.Option("--pin", help="layer=format; repeatable.")]
 TieOpt = Annotated[bool | None, typer.Option("--tie-fused", help="q/k/v and gate/up share a format.")]
+ScheduleOpt = Annotated[
+    str | None, typer.Option(help="Training per block: uniform, sgra (by sensitivity) or joint (and bits).")
+]
+EqualStepsOpt = Annotated[bool | None, typer.Option("--equal-steps", help="sgra/joint at uniform's total steps.")]
+TrainDataOpt = Annotated[
+    str | None, typer.Option("--train-data", help="calib, or self-generated (sampled from the FP model, cached).")
+]
+RepairEpochsOpt = Annotated[float | None, typer.Option(help="block-ap: epochs per block before the schedule.")]
+RepairItersOpt = Annotated[int | None, typer.Option(help="sign-round: steps per block.")]
+E2EEpochsOpt = Annotated[float | None, typer.Option("--e2e-epochs", help="e2e-qp: epochs over the windows.")]
+E2ELossOpt = Annotated[str | None, typer.Option("--e2e-loss", help="e2e-qp: kl (to the FP model) or lm.")]
+RepairOpt = Annotated[
+    str | None,
+    typer.Option("--repair", help="Train after quantizing: block-ap or sign-round, then optionally e2e-qp."),
+]
 EpisodesOpt = Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")]
 TargetBitsOpt = Annotated[
     float | None, typer.Option("--target-bits", help="Average stored bits per weight (scales, zeros counted).")
@@ -74,6 +90,10 @@ ContextOpt = Annotated[
 BatchSeqOpt = Annotated[int | None, typer.Option("--batch", help="--fit-memory: sequences in the KV cache.")]
 OverheadOpt = Annotated[
     str | None, typer.Option("--overhead", help="--fit-memory: runtime memory besides weights and KV cache.")
+]
+LmHeadOpt = Annotated[bool | None, typer.Option("--lm-head", help="Allocate the output head too.")]
+EmbeddingsOpt = Annotated[
+    bool | None, typer.Option("--embeddings", help="Allocate the token embedding too (RTN; llama.cpp's token_embd).")
 ]
 EngineOpt = Annotated[
     str | None,
@@ -181,6 +201,17 @@ def quantize(
     act_order: ActOrderOpt = None,
     correction: CorrectionOpt = None,
     lm_head: Annotated[bool | None, typer.Option("--lm-head", help="Quantize lm_head too.")] = None,
+    embeddings: Annotated[
+        bool | None, typer.Option("--embeddings", help="Quantize the token embedding too (RTN whatever --method).")
+    ] = None,
+    repair: RepairOpt = None,
+    schedule: ScheduleOpt = None,
+    equal_steps: EqualStepsOpt = None,
+    train_data: TrainDataOpt = None,
+    repair_epochs: RepairEpochsOpt = None,
+    repair_iters: RepairItersOpt = None,
+    e2e_epochs: E2EEpochsOpt = None,
+    e2e_loss: E2ELossOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -263,6 +294,8 @@ def profile(
         bool | None,
         typer.Option("--per-window", help="Also save per-window proxy terms (for --bootstrap): one more pass."),
     ] = None,
+    lm_head: LmHeadOpt = None,
+    embeddings: EmbeddingsOpt = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
     correction: CorrectionOpt = None,
@@ -301,6 +334,19 @@ def search(
     formats: Annotated[str | None, typer.Option(help="Allowed formats, e.g. w2g64,w3g128,w4g128,w8.")] = None,
     pin: PinOpt = None,
     tie_fused: TieOpt = None,
+    lm_head: Annotated[
+        bool | None,
+        typer.Option(
+            "--lm-head/--no-lm-head", help="Allocate a profiled head or keep it 16-bit (default: as profiled)."
+        ),
+    ] = None,
+    embeddings: Annotated[
+        bool | None,
+        typer.Option(
+            "--embeddings/--no-embeddings",
+            help="Allocate a profiled embedding or keep it 16-bit (default: as profiled).",
+        ),
+    ] = None,
     max_loss: Annotated[float | None, typer.Option("--max-loss", help="greedy: a predicted-loss budget too.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of randomized solvers.")] = None,
     out: Annotated[Path | None, typer.Option(help="Allocation JSON to write.")] = None,
@@ -394,9 +440,19 @@ def run_(
     ] = None,
     episodes: EpisodesOpt = None,
     kl: Annotated[bool | None, typer.Option("--kl", help="Also profile KL (for --proxy kl; slow).")] = None,
+    lm_head: LmHeadOpt = None,
+    embeddings: EmbeddingsOpt = None,
     damp: DampOpt = None,
     act_order: ActOrderOpt = None,
     correction: CorrectionOpt = None,
+    repair: RepairOpt = None,
+    schedule: ScheduleOpt = None,
+    equal_steps: EqualStepsOpt = None,
+    train_data: TrainDataOpt = None,
+    repair_epochs: RepairEpochsOpt = None,
+    repair_iters: RepairItersOpt = None,
+    e2e_epochs: E2EEpochsOpt = None,
+    e2e_loss: E2ELossOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -437,6 +493,55 @@ def report(
     check_output(run / REPORT_DIR, option="the report")
     result = write_report(run, seeds=seeds)
     _emit(result, json_out, f"report written to {result['index']}")
+
+
+@app.command()
+@_command
+@_defaults_from(RepairSettings)
+def repair(
+    ctx: typer.Context,
+    run: Annotated[Path | None, typer.Option("--run", help="automp output directory (quantize or run).")] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="block-ap or sign-round, then optionally e2e-qp: block-ap,e2e-qp.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (an automp checkpoint, same formats).")] = None,
+    schedule: ScheduleOpt = None,
+    equal_steps: EqualStepsOpt = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="Sensitivity table for sgra/joint (default: the run's sensitivity.json).")
+    ] = None,
+    proxy: Annotated[str | None, typer.Option(help="The table's proxy that sets sgra/joint's sensitivities.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="The full-precision model (default: the one the run was made from).")
+    ] = None,
+    calib: Annotated[str | None, typer.Option(help="Training text (default: the run's calibration text).")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="Training windows (default: the run's, else 128).")] = None,
+    seqlen: SeqlenOpt = None,
+    train_data: TrainDataOpt = None,
+    repair_epochs: RepairEpochsOpt = None,
+    repair_iters: RepairItersOpt = None,
+    e2e_epochs: E2EEpochsOpt = None,
+    e2e_loss: E2ELossOpt = None,
+    eval: Annotated[str | None, typer.Option("--eval", help="Evaluation text for perplexity.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the windows and the batch order.")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    trust_remote_code: RemoteOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Repair a quantized run by training (Block-AP, sign rounding, E2E-QP): same formats, same bytes."""
+    flags = _flags(ctx, locals())
+    if "method" in flags:
+        flags["repair"] = flags.pop("method")
+    from automp.pipeline import repair as run_repair
+
+    metrics = run_repair(load_settings(RepairSettings, config, flags))
+    summary = metrics["repair"]
+    human = f"{'+'.join(summary['methods'])} ({summary['schedule']}): {metrics['avg_bits']:.4f} bits/weight, "
+    human += f"{metrics['bytes'] / 1e6:.3f} MB" + (f", ppl {metrics['ppl']:.3f}" if "ppl" in metrics else "")
+    _emit(metrics, json_out, human)
 
 
 @app.command()

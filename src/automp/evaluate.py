@@ -41,6 +41,22 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     return Perplexity(math.exp(sum(nll) / len(nll)), len(nll), len(nll) * seqlen, seqlen, nll)
 
 
+@torch.no_grad()
+def kl_to_reference(model, reference, windows: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """Each window's mean per-token KL(reference ‖ model) of the next-token distributions, in nats.
+
+    The distance to the full-precision model: unlike perplexity, it cannot improve by chance on one
+    text, so it is reported beside it."""
+    device = next(model.parameters()).device
+    kl: list[float] = []
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        log_q = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        log_p = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        kl.extend(F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean(dim=1).tolist())
+    return kl
+
+
 def paired_delta(a: Perplexity, b: Perplexity) -> tuple[float, float]:
     """Mean per-window NLL difference b - a and its standard error (same windows, same order)."""
     diffs = torch.tensor(b.window_nll) - torch.tensor(a.window_nll)

@@ -3,10 +3,18 @@
 The inventory lists every linear layer inside the decoder blocks (GPT-2's ``Conv1D`` counts as
 linear, with its weight seen transposed as (out, in)), its block and its role, and which layers
 serving engines fuse (q/k/v, gate/up) so that allocations can tie their formats.
+
+Two optional layers join it on request: the output head (role ``lm_head``, block ``len(blocks)``)
+and the token embedding (role ``embed``, block -1, first). The embedding's weight is (vocab, hidden),
+so its rows are tokens and ``out_features`` is the vocabulary: each quantization row is one token's
+vector of ``hidden`` values, as llama.cpp stores ``token_embd`` (``ne0 = hidden``). Looked up rather
+than multiplied, it is quantized with RTN whatever the method (``quantize.py``). A model that ties
+its embedding to its head (one tensor) cannot have the embedding allocated: that is one error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +32,7 @@ ROLES = {
     "query_key_value": "qkv", "dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2", "attention.dense": "o",
 }  # fmt: skip
 FUSED_ROLES = (("q", "k", "v"), ("gate", "up"))  # fused into one GEMM by vLLM and friends
+EMBED_ROLE, HEAD_ROLE = "embed", "lm_head"  # the optional layers: token embedding, output head
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,11 +78,12 @@ def role_of(name: str) -> str:
     return ROLES.get(".".join(parts[-2:]), ROLES.get(parts[-1], parts[-1]))
 
 
-def inventory(model: nn.Module, include_lm_head: bool = False) -> Inventory:
+def inventory(model: nn.Module, include_lm_head: bool = False, include_embeddings: bool = False) -> Inventory:
+    """Every linear layer inside the decoder blocks, plus the output head and the token embedding when asked."""
     blocks = decoder_blocks(model)
     block_prefix = {id(block): i for i, block in enumerate(blocks)}
     names = {id(m): n for n, m in model.named_modules()}
-    layers: list[LayerInfo] = []
+    layers: list[LayerInfo] = [_embedding_layer(model)] if include_embeddings else []
     for block in blocks:
         index, prefix = block_prefix[id(block)], names[id(block)]
         for sub, module in block.named_modules():
@@ -85,8 +95,8 @@ def inventory(model: nn.Module, include_lm_head: bool = False) -> Inventory:
         if head is None:
             raise AutompError("this model has no linear lm_head to quantize")
         out_f, in_f = linear_weight(model.get_submodule(head)).shape
-        layers.append(LayerInfo(head, len(blocks), "lm_head", out_f, in_f))
-    if not layers:
+        layers.append(LayerInfo(head, len(blocks), HEAD_ROLE, out_f, in_f))
+    if not any(layer.block >= 0 for layer in layers):
         raise AutompError(f"{type(model).__name__}: no linear layers found inside the decoder blocks")
     fused = []
     for index in range(len(blocks)):
@@ -95,6 +105,43 @@ def inventory(model: nn.Module, include_lm_head: bool = False) -> Inventory:
             if len(group) > 1:
                 fused.append(group)
     return Inventory(layers, fused)
+
+
+def inventory_for(
+    model: nn.Module, names: Iterable[str], *, lm_head: bool = False, embeddings: bool = False
+) -> Inventory:
+    """The inventory an allocation over layer ``names`` needs: the output head and the token embedding when it
+    names them (or ``lm_head`` / ``embeddings`` asks for them)."""
+    names = set(names)
+    return inventory(
+        model,
+        include_lm_head=lm_head or lm_head_name(model) in names,
+        include_embeddings=embeddings or embedding_name(model) in names,
+    )
+
+
+def embedding_name(model: nn.Module) -> str | None:
+    """The module name of the token embedding (an ``nn.Embedding``), or None."""
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        return None
+    return next(name for name, module in model.named_modules() if module is embedding)
+
+
+def _embedding_layer(model: nn.Module) -> LayerInfo:
+    """The token embedding as a layer: (vocab, hidden), rows are tokens; refused when tied to the head."""
+    name = embedding_name(model)
+    if name is None:
+        raise AutompError(f"{type(model).__name__} has no nn.Embedding token embedding to quantize")
+    weight = model.get_submodule(name).weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is weight:
+        raise AutompError(
+            f"{type(model).__name__} ties its token embedding to its output head (tie_word_embeddings: one "
+            "tensor serves both), which automp cannot allocate as a layer yet: leave out --embeddings"
+        )
+    vocab, hidden = weight.shape
+    return LayerInfo(name, -1, EMBED_ROLE, vocab, hidden)
 
 
 def lm_head_name(model: nn.Module) -> str | None:

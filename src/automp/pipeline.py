@@ -7,11 +7,12 @@ whole command succeeded, so a failure never leaves a partial output directory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,25 @@ from automp.data import load_windows
 from automp.errors import AutompError
 from automp.evaluate import perplexity
 from automp.export import REPORT_FILE, RunDir, export_run
+from automp.export.run_dir import SETTINGS_FILE
 from automp.formats import get_format
 from automp.io import check_output, staged_output, write_file_atomic
 from automp.lm_eval_backend import evaluate_tasks_lm_eval
-from automp.model import inventory, lm_head_name, load_model, max_positions, resolve_device
+from automp.model import (
+    EMBED_ROLE,
+    HEAD_ROLE,
+    embedding_name,
+    inventory,
+    inventory_for,
+    lm_head_name,
+    load_model,
+    max_positions,
+    resolve_device,
+)
 from automp.quantize import GPTQConfig, quantize_
 from automp.quantizers.qweight import QWeight
+from automp.repair import E2EConfig, ReconstructConfig, RepairConfig, RepairReport, repair_
+from automp.repair.selfgen import cached_windows
 from automp.search.problem import Problem
 from automp.sensitivity.table import SensitivityTable
 from automp.settings import (
@@ -40,6 +54,7 @@ from automp.settings import (
     ModelSettings,
     ProfileSettings,
     QuantizeSettings,
+    RepairSettings,
     RunSettings,
     SearchSettings,
 )
@@ -109,6 +124,7 @@ class Quantized:
     allocation: Allocation
     qweights: dict[str, QWeight]
     metrics: dict
+    repair: RepairReport | None = None
 
 
 def quantize_model(
@@ -116,31 +132,41 @@ def quantize_model(
     allocation: Allocation | None = None,
     clock: Stopwatch | None = None,
     progress: bool = True,
+    table: SensitivityTable | None = None,
 ) -> Quantized:
-    """Load, quantize with ``allocation`` (default: ``settings.scheme`` for every layer), and evaluate
-    perplexity when ``settings.eval`` is given. Nothing is written."""
+    """Load, quantize with ``allocation`` (default: ``settings.scheme`` for every layer), repair when
+    ``settings.repair`` asks (``table`` feeds the sgra/joint schedules), and evaluate perplexity when
+    ``settings.eval`` is given. Nothing is written but the repair's resumable state."""
     clock = clock or Stopwatch()
     with clock.stage("load"):
         model, tokenizer = _load(settings)
         seqlen = window_length(model, settings.seqlen)
-        named_head = allocation is not None and lm_head_name(model) in allocation.formats  # a saved allocation's
-        inv = inventory(model, include_lm_head=settings.lm_head or named_head)
+        named = allocation.formats if allocation is not None else ()  # a saved allocation's head and embedding
+        inv = inventory_for(model, named, lm_head=settings.lm_head, embeddings=settings.embeddings)
         if allocation is None:
             allocation, scheme = Allocation.uniform(inv, settings.scheme), settings.scheme
         else:
             allocation.check(inv)
             scheme = "mixed"
         calib = None
-        if settings.method != "rtn":
+        if settings.method != "rtn" or (settings.repair and settings.train_data == "calib"):
             if settings.calib is None:
-                raise AutompError(f"--method {settings.method} needs calibration text (--calib)")
+                needs = f"--method {settings.method}" if settings.method != "rtn" else f"--repair {settings.repair}"
+                raise AutompError(f"{needs} needs calibration text (--calib)")
             calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
         windows = load_windows(settings.eval, tokenizer, seqlen) if settings.eval else None
+    reference = copy.deepcopy(model) if settings.repair else None  # the full-precision model repair trains towards
     with clock.stage("quantize"):
         gptq = GPTQConfig.of(settings)
         qweights = quantize_(
             model, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=progress
         )
+    repaired = None
+    if settings.repair:
+        with clock.stage("repair"):
+            state = Path(settings.out).parent / f".{Path(settings.out).name}.repair"  # _remove_repair_state's
+            repaired = repair_model(settings, model, reference, qweights, calib, allocation, table, state, progress)
+        del reference
     metrics = {
         "scheme": scheme,
         "method": settings.method,
@@ -148,12 +174,14 @@ def quantize_model(
         "bytes": model_bytes(model, qweights),
         "layers": len(qweights),
         "lm_head_quantized": lm_head_name(model) in qweights,
+        **({"repair": repaired.summary()} if repaired else {}),
+        "embeddings_quantized": embedding_name(model) in qweights,
     }
     if windows is not None:
         with clock.stage("eval"):
             result = perplexity(model, windows, settings.batch_size, progress)
         metrics.update(ppl=result.ppl, eval=result.summary())
-    return Quantized(model, tokenizer, allocation, qweights, metrics)
+    return Quantized(model, tokenizer, allocation, qweights, metrics, repaired)
 
 
 def save_checkpoint(staging: Path, quantized: Quantized, settings: BaseModel, clock: Stopwatch, extra: dict) -> dict:
@@ -161,10 +189,55 @@ def save_checkpoint(staging: Path, quantized: Quantized, settings: BaseModel, cl
     timings) and ``automp_config.json`` (``settings``) into ``staging``; returns the metrics."""
     with clock.stage("save"):
         save_quantized(staging, quantized.model, quantized.tokenizer, quantized.allocation, quantized.qweights)
+        if quantized.repair is not None:
+            (staging / REPAIR_FILE).write_text(json.dumps(asdict(quantized.repair), indent=1))
     metrics = {**quantized.metrics, **extra, "seconds": clock.total, "stage_seconds": clock.seconds}
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (staging / "automp_config.json").write_text(settings.model_dump_json(indent=1))
     return metrics
+
+
+REPAIR_FILE = "repair.json"  # in a repaired checkpoint: what each block's training did
+REPAIR_SETTINGS_FILE = "repair_config.json"  # automp repair's settings (automp_config.json stays the run's)
+
+
+def repair_model(
+    settings: QuantizeSettings | RunSettings | RepairSettings,
+    model: nn.Module,
+    reference: nn.Module,
+    qweights: dict[str, QWeight],
+    calib: torch.Tensor | None,
+    allocation: Allocation,
+    table: SensitivityTable | None,
+    state_dir: Path,
+    progress: bool = True,
+) -> RepairReport:
+    """Train ``model``'s quantized layers towards ``reference`` (``settings.repair``), in place; a killed
+    repair resumes from ``state_dir``, which is removed once the caller has saved the result."""
+    blocks = ReconstructConfig(epochs=settings.repair_epochs, iters=settings.repair_iters, seed=settings.seed)
+    e2e = E2EConfig(epochs=settings.e2e_epochs, loss=settings.e2e_loss, seed=settings.seed)
+    proxy = getattr(settings, "proxy", "outgrad")
+    config = RepairConfig(
+        tuple(settings.repair.split(",")), settings.schedule, settings.equal_steps, proxy, 2, blocks, e2e
+    )
+    windows = calib
+    if settings.train_data == "self-generated":
+        n, seqlen = (len(calib), calib.shape[1]) if calib is not None else (settings.nsamples, settings.seqlen)
+        windows = cached_windows(reference, state_dir / "data", n, seqlen, settings.seed, progress=progress)
+    _check_repair_state(state_dir, {"settings": settings.model_dump(mode="json", exclude={"eval", "out"})})
+    return repair_(
+        model, qweights, reference, windows, config, table=table, allocation=allocation, state_dir=state_dir,
+        progress=progress,
+    )  # fmt: skip
+
+
+def _check_repair_state(state_dir: Path, manifest: dict) -> None:
+    """Refuse to resume a repair state written under other settings; start one when there is none."""
+    file = state_dir / "manifest.json"
+    if file.is_file() and json.loads(file.read_text()) != manifest:
+        raise AutompError(f"{state_dir} holds a repair made with other settings: remove it to start over")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(file, json.dumps(manifest, indent=1))
 
 
 def quantize(settings: QuantizeSettings, progress: bool = True) -> dict:
@@ -180,7 +253,81 @@ def quantize(settings: QuantizeSettings, progress: bool = True) -> dict:
         extra = {"allocation": str(settings.allocation)}
     with staged_output(settings.out) as staging:
         quantized = quantize_model(settings, allocation, clock, progress)
-        return save_checkpoint(staging, quantized, settings, clock, extra)
+        metrics = save_checkpoint(staging, quantized, settings, clock, extra)
+    _remove_repair_state(settings.out)
+    return metrics
+
+
+def _remove_repair_state(out: Path) -> None:
+    shutil.rmtree(Path(out).parent / f".{Path(out).name}.repair", ignore_errors=True)
+
+
+def repair(settings: RepairSettings, progress: bool = True) -> dict:
+    """Repair the quantized model of the run directory ``settings.run`` by training; save it to ``settings.out``.
+
+    The full-precision model, calibration text, window count, length and seed default to the run's own
+    (its ``automp_config.json``); sgra/joint read the run's ``sensitivity.json`` unless ``--profile``."""
+    from automp.checkpoint import load_quantized
+    from automp.sensitivity.table import TABLE_FILE
+
+    check_output(settings.out)
+    if Path(settings.out).resolve() == Path(settings.run).resolve():
+        raise AutompError("--out must differ from --run: the repair would replace the run it reads")
+    clock = Stopwatch()
+    with clock.stage("load"):
+        run_dir = RunDir.open(settings.run)
+        made = run_dir.settings
+        defaults = {key: made.get(key) for key in ("model", "calib", "nsamples", "seqlen") if made.get(key) is not None}
+        given = settings.model_dump(exclude_none=True)
+        settings = RepairSettings(**{**defaults, **given})
+        if settings.model is None:
+            raise AutompError(f"{settings.run} does not say which model it was made from: give --model")
+        if settings.train_data == "calib" and settings.calib is None:
+            raise AutompError(f"{settings.run} does not say its calibration text: give --calib")
+        table_file = settings.profile or (Path(settings.run) / TABLE_FILE)
+        table = SensitivityTable.load(table_file) if Path(table_file).exists() else None
+        if settings.profile is not None and table is None:
+            raise AutompError(f"--profile {settings.profile}: no sensitivity table there")
+        if settings.schedule != "uniform" and table is None:
+            raise AutompError(f"--schedule {settings.schedule} needs the sensitivity profile: {settings.run} has none; "
+                              "give --profile FILE, or --schedule uniform")  # fmt: skip
+        reference, tokenizer = _load(settings.model_copy(update={"model": settings.model}))
+        model = load_quantized(Path(settings.run), next(reference.parameters()).dtype).to(_device_of(reference))
+        qweights = {name: q.to(_device_of(reference)) for name, q in run_dir.quantized_weights().items()}
+        seqlen = window_length(reference, settings.seqlen)
+        nsamples = settings.nsamples or 128
+        calib = None
+        if settings.train_data == "calib":
+            calib = load_windows(settings.calib, tokenizer, seqlen, nsamples, settings.seed)
+        settings = settings.model_copy(update={"nsamples": nsamples, "seqlen": seqlen})
+        windows = load_windows(settings.eval, tokenizer, seqlen) if settings.eval else None
+    state = Path(settings.out).parent / f".{Path(settings.out).name}.repair"
+    with clock.stage("repair"):
+        report = repair_model(settings, model, reference, qweights, calib, run_dir.allocation, table, state, progress)
+    metrics = {
+        "run": str(settings.run),
+        "avg_bits": run_dir.allocation.avg_bits(run_dir.inventory),
+        "bytes": model_bytes(model, qweights),
+        "repair": report.summary(),
+    }
+    if windows is not None:
+        with clock.stage("eval"):
+            metrics["ppl"] = perplexity(model, windows, settings.batch_size, progress).ppl
+    with staged_output(settings.out) as staging:
+        quantized = Quantized(model, tokenizer, run_dir.allocation, qweights, metrics, report)
+        for name in (TABLE_FILE, ALLOCATION_FILE):
+            if (Path(settings.run) / name).is_file():
+                shutil.copyfile(Path(settings.run) / name, staging / name)
+        metrics = save_checkpoint(staging, quantized, settings, clock, {})
+        (staging / REPAIR_SETTINGS_FILE).write_text(settings.model_dump_json(indent=1))
+        if (Path(settings.run) / SETTINGS_FILE).is_file():  # exports read how the codes were made from it
+            shutil.copyfile(Path(settings.run) / SETTINGS_FILE, staging / SETTINGS_FILE)
+    _remove_repair_state(settings.out)
+    return metrics
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def profile(settings: ProfileSettings, progress: bool = True) -> dict:
@@ -216,6 +363,7 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
         calib_info=CalibInfo(spec=settings.calib, nsamples=len(calib), seqlen=seqlen, seed=settings.seed),
         kl_windows=kl_windows, work_dir=work, gptq=GPTQConfig.of(settings),
         batch_size=settings.batch_size, progress=progress, clock=clock, per_window=settings.per_window,
+        lm_head=settings.lm_head, embeddings=settings.embeddings,
     )  # fmt: skip
     with staged_output(out) as staging:
         table.save(staging)
@@ -256,10 +404,10 @@ def search(settings: SearchSettings, windows: torch.Tensor | None = None) -> dic
         with clock.stage("search"):
             lo, hi, step = parse_range(settings.frontier)
             points = frontier(problem, lo, hi, step, solver=settings.solver, seed=settings.seed, **options)
-        count = table.weight_count()
+        count, dense = problem.table.weight_count(), problem.table.dense_bytes
         curve = [
             {"target_bits": p.target_bits, "avg_bits": p.avg_bits, "predicted_loss": p.predicted_loss,
-             "bytes": math.ceil(round(p.avg_bits * count) / 8) + table.dense_bytes}
+             "bytes": math.ceil(round(p.avg_bits * count) / 8) + dense}
             for p in points
         ]  # fmt: skip
         return {"frontier": curve, "solver": settings.solver, "proxy": settings.proxy, "seconds": clock.total}
@@ -287,6 +435,7 @@ def search_problem(settings: SearchSettings, table: SensitivityTable) -> Problem
     budgets = [settings.target_bits, settings.target_size, settings.fit_memory]
     if settings.frontier is not None and any(b is not None for b in budgets):
         raise AutompError("automp search takes a budget (--target-bits/--target-size/--fit-memory) or --frontier")
+    table = optional_layers(settings, table)
     target = 16.0
     if settings.frontier is None:
         budget = Budget.of(settings)
@@ -303,6 +452,21 @@ def search_problem(settings: SearchSettings, table: SensitivityTable) -> Problem
         pinned=settings.pin,
         tie_fused=settings.tie_fused or settings.engine == "vllm",
     )
+
+
+def optional_layers(settings: SearchSettings, table: SensitivityTable) -> SensitivityTable:
+    """The table with its output head / token embedding as ``--lm-head`` / ``--embeddings`` ask: kept when
+    the flag is unset (None) or True, dropped (left 16-bit, counted as fixed bytes) when False; a flag that
+    is True for a layer the table lacks is an error."""
+    dropped = set()
+    flags = ((HEAD_ROLE, settings.lm_head, "--lm-head"), (EMBED_ROLE, settings.embeddings, "--embeddings"))
+    for role, flag, option in flags:
+        names = {layer.name for layer in table.layers if layer.role == role}
+        if flag and not names:
+            raise AutompError(f"{option}: the sensitivity table has no {role} layer; profile again with {option}")
+        if flag is False:
+            dropped |= names
+    return table.without(dropped) if dropped else table
 
 
 def engine_formats(formats: str, engine: str) -> tuple[list[str], list[str]]:
@@ -389,7 +553,8 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
     scratch = out.parent / f".{out.name}.profile"
 
     def complete(table: Path) -> bool:  # --bootstrap also needs the per-window terms beside the table
-        return table.is_file() and (not settings.bootstrap or (table.parent / WINDOWS_FILE).is_file())
+        found = table.is_file() and (not settings.bootstrap or (table.parent / WINDOWS_FILE).is_file())
+        return found and _holds_optional_layers(SensitivityTable.load(table), settings)
 
     if not complete(cached):
         cached = scratch / TABLE_FILE
@@ -435,9 +600,9 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
         stability = _bootstrap(settings, problem, result, staging) if settings.bootstrap else None
         result.profile = str(out / TABLE_FILE)  # where the table lies once the output is in place
         write_file_atomic(staging / ALLOCATION_FILE, result.model_dump_json(indent=1))
-        fields = set(QuantizeSettings.model_fields) - {"scheme", "lm_head", "allocation"}
+        fields = set(QuantizeSettings.model_fields) - {"scheme", "lm_head", "embeddings", "allocation"}
         quantized = quantize_model(
-            QuantizeSettings(**settings.model_dump(include=fields)), result.allocation, clock, progress
+            QuantizeSettings(**settings.model_dump(include=fields)), result.allocation, clock, progress, table
         )
         extra = {
             "target_bits": result.target_bits,
@@ -457,6 +622,7 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
             extra["bootstrap"] = stability
         metrics = save_checkpoint(staging, quantized, settings, clock, extra)
     shutil.rmtree(scratch, ignore_errors=True)
+    _remove_repair_state(out)
     return metrics
 
 
@@ -475,6 +641,12 @@ def _bootstrap(settings: RunSettings, problem: Problem, result, staging: Path) -
     found = bootstrap(replace(problem, proxy=proxy), WindowCosts.load(staging), settings.bootstrap, settings.seed)
     found.save(staging)
     return found.summary()
+
+
+def _holds_optional_layers(table: SensitivityTable, settings: RunSettings) -> bool:
+    """Whether a cached table has the head and the embedding when ``--lm-head`` / ``--embeddings`` ask for them."""
+    roles = {layer.role for layer in table.layers}
+    return (HEAD_ROLE in roles or not settings.lm_head) and (EMBED_ROLE in roles or not settings.embeddings)
 
 
 def _measures(settings: RunSettings) -> bool:
@@ -534,7 +706,7 @@ def _check_reachable(settings: RunSettings, budget: Budget, formats: list[str]) 
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
     except Exception:  # a hub id offline, a broken config: loading the model reports it properly
         return
-    layers = inventory(skeleton).layers
+    layers = inventory(skeleton, include_lm_head=settings.lm_head, include_embeddings=settings.embeddings).layers
     names = {layer.name + ".weight" for layer in layers}
     dense, seen = 0, set()
     for name, tensor in skeleton.state_dict(keep_vars=True).items():  # tied tensors are one object: counted once

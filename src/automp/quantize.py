@@ -5,6 +5,11 @@ the outputs of blocks ``0..i-1`` *already quantized*, so each block corrects for
 Only one block's calibration activations are held at a time. AWQ scales and clips each block's
 weights (``quantizers/awq.py``), then rounds them with RTN; an ``lm_head`` gets plain RTN.
 
+The token embedding (an allocated ``embed`` layer) has no Hessian: its rows are looked up, not
+multiplied. Every method quantizes it with RTN, first, so the blocks see the quantized embedding; for
+GGUF formats that is llama.cpp's reference quantizer without an importance matrix, as llama-quantize
+quantizes ``token_embd`` (llama-imatrix collects matrix-multiplication inputs only).
+
 A ``+rN`` format adds its low-rank correction (``quantizers/lowrank.py``, ``GPTQConfig.correction``)
 fitted on the same block inputs, so the blocks downstream see the quantized *and corrected* outputs.
 AWQ collects the scaled layers' Hessians for it; RTN, having no data, uses the data-free ``svd``.
@@ -12,8 +17,6 @@ AWQ collects the scaled layers' Hessians for it; RTN, having no data, uses the d
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +25,10 @@ from tqdm import tqdm
 
 from automp.allocation import Allocation
 from automp.errors import AutompError
-from automp.model import decoder_blocks, inventory, linear_weight, lm_head_name, set_linear_weight
+from automp.execution.blocks import capture_block_inputs, hessian_hooks, model_device, propagate, run_block
+from automp.model import decoder_blocks, inventory_for, linear_weight, set_linear_weight
 from automp.quantizers.awq import awq_scale_block
-from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
+from automp.quantizers.gptq import gptq_quantize
 from automp.quantizers.lowrank import METHODS as CORRECTIONS
 from automp.quantizers.qweight import QWeight
 from automp.quantizers.rtn import rtn_quantize
@@ -52,10 +56,6 @@ class GPTQConfig:
 @dataclass
 class AWQConfig:
     clip: bool = True  # the clipping search after scaling (part of the reference AWQ)
-
-
-class _StopForward(Exception):
-    """Raised by a hook to stop the model's forward once the first block's inputs are captured."""
 
 
 @torch.no_grad()
@@ -91,14 +91,15 @@ def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
 def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress) -> dict[str, QWeight]:
     if method not in METHODS:
         raise AutompError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    inv = inventory(model, include_lm_head=lm_head_name(model) in allocation.formats)
+    inv = inventory_for(model, allocation.formats)
     allocation.check(inv)
     todo = [layer.name for layer in inv.layers if allocation.format_of(layer.name).quantized]
     modules = {name: model.get_submodule(name) for name in todo}
+    block_of = {layer.name: layer.block for layer in inv.layers}
 
     def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
         module, fmt = modules[name], allocation.format_of(name)
-        if method == "gptq":
+        if method == "gptq" and block_of[name] >= 0:  # the embedding (block -1) has no Hessian: RTN
             qweight = gptq_quantize(linear_weight(module), hessian, fmt, **vars(gptq))
         else:  # the Hessian (AWQ) only feeds a +rN format's correction
             qweight = rtn_quantize(linear_weight(module), fmt, hessian=hessian, correction=gptq.correction)
@@ -112,9 +113,10 @@ def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, pr
         return out
     if calib is None or len(calib) == 0:
         raise AutompError(f"{method.upper()} needs calibration data (--calib)")
+    for name in [name for name in todo if block_of[name] < 0]:  # the token embedding, before the blocks see it
+        quantize_layer(name, None)
     blocks = decoder_blocks(model)
-    block_of = {layer.name: layer.block for layer in inv.layers}
-    inputs = _capture_block_inputs(model, blocks[0], calib, batch_size)
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
     for index, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress, leave=False)):
         names = [name for name in todo if block_of[name] == index]
         if method == "awq":
@@ -123,76 +125,20 @@ def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, pr
         # AWQ rounds with RTN: it needs Hessians for the +rN corrections only
         hooked = [name for name in names if method == "gptq" or allocation.format_of(name).rank]
         if hooked:
-            with _hessian_hooks({name: modules[name] for name in hooked}) as found:
-                for _ in _run_block(block, inputs):
+            with hessian_hooks({name: modules[name] for name in hooked}) as found:
+                for _ in run_block(block, inputs):
                     pass
             hessians |= found
         for name in names:
             quantize_layer(name, hessians[name])
-        outputs = _run_block(block, inputs)
-        inputs = [_with_hidden(args, kwargs, hidden) for (args, kwargs), hidden in zip(inputs, outputs, strict=True)]
+        outputs = run_block(block, inputs)
+        inputs = propagate(inputs, list(outputs))
     for name in [name for name in todo if block_of[name] == len(blocks)]:  # lm_head, after the final norm
         if method == "awq":
             quantize_layer(name, None)
             continue
-        with _hessian_hooks({name: modules[name]}) as hessians:
+        with hessian_hooks({name: modules[name]}) as hessians:
             for batch in calib.split(batch_size):
-                model(input_ids=batch.to(_device(model)), use_cache=False)
+                model(input_ids=batch.to(model_device(model)), use_cache=False)
         quantize_layer(name, hessians[name])
     return out
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _hessian_hooks(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Accumulate each module's input Hessian while the ``with`` body runs forwards; filled on exit."""
-    accumulators = {}
-    for name, module in modules.items():
-        weight = linear_weight(module)
-        accumulators[name] = HessianAccumulator(weight.shape[1], weight.device)
-    hooks = [
-        module.register_forward_hook(lambda _m, inp, _out, acc=accumulators[name]: acc.add(inp[0]))
-        for name, module in modules.items()
-    ]
-    hessians: dict[str, torch.Tensor] = {}
-    try:
-        yield hessians
-    finally:
-        for hook in hooks:
-            hook.remove()
-    hessians.update({name: acc.hessian for name, acc in accumulators.items()})
-
-
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int) -> list:
-    """The (args, kwargs) the first decoder block receives for each calibration batch."""
-    captured = []
-
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in calib.split(batch_size):
-            try:
-                model(input_ids=batch.to(_device(model)), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, inputs: list) -> Iterator[torch.Tensor]:
-    for args, kwargs in inputs:
-        output = block(*args, **kwargs)
-        yield output[0] if isinstance(output, tuple) else output
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}

@@ -61,7 +61,34 @@ class EvalSettings(ModelSettings):
     backend: Literal["automp", "lm-eval"] = "automp"
 
 
-class QuantizeSettings(ModelSettings):
+class RepairOptions(BaseModel):
+    """Training repair after quantization (``repair/``): ``--repair`` on quantize and run, ``automp repair``."""
+
+    repair: str | None = None  # block-ap or sign-round, then optionally e2e-qp: "block-ap,e2e-qp"
+    schedule: Literal["uniform", "sgra", "joint"] = "uniform"  # sgra/joint need the sensitivity table
+    equal_steps: bool = False  # sgra/joint rescaled to uniform's total steps
+    train_data: Literal["calib", "self-generated"] = "calib"  # self-generated: sampled from the FP model
+    repair_epochs: float = 8.0  # block-ap: passes over the training windows per block (before the schedule)
+    repair_iters: int = 200  # sign-round: steps per block (AutoRound's default)
+    e2e_epochs: float = 1.0
+    e2e_loss: Literal["kl", "lm"] = "kl"
+
+    @field_validator("repair")
+    @classmethod
+    def _known_methods(cls, value: str | None) -> str | None:
+        from automp.repair.methods import parse_methods
+
+        return None if value is None else ",".join(parse_methods(value))
+
+    @field_validator("repair_epochs", "repair_iters", "e2e_epochs")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+class QuantizeSettings(ModelSettings, RepairOptions):
     out: Path
     scheme: str = "w4g128"
     allocation: Path | None = None  # one format per layer, as `automp search` saved it; excludes `scheme`
@@ -73,6 +100,7 @@ class QuantizeSettings(ModelSettings):
     act_order: bool = True
     correction: Correction = "exact"
     lm_head: bool = False  # quantize lm_head too (left in 16-bit by default)
+    embeddings: bool = False  # quantize the token embedding too (RTN; left in 16-bit by default)
 
     @field_validator("scheme")
     @classmethod
@@ -96,6 +124,8 @@ class ProfileSettings(ModelSettings):
     damp: float = 0.01
     act_order: bool = True
     per_window: bool = False  # also the per-window proxy terms (sensitivity.windows.safetensors), for --bootstrap
+    lm_head: bool = False  # also profile the output head as a layer
+    embeddings: bool = False  # also profile the token embedding as a layer (RTN, its own proxies)
 
     @field_validator("formats")
     @classmethod
@@ -131,6 +161,9 @@ class SearchSettings(BudgetSettings):
     formats: str | None = None  # comma-separated subset of the profiled formats; default all
     pin: dict[str, str] = {}  # layer -> format; on the command line, --pin layer=format
     tie_fused: bool = False
+    # the table's optional layers: None = as profiled; False = kept 16-bit (fixed bytes); True = required
+    lm_head: bool | None = None
+    embeddings: bool | None = None
     max_loss: float | None = None  # greedy: a predicted-loss budget as well
     seed: int = 0
     out: Path | None = None
@@ -163,7 +196,7 @@ class SearchSettings(BudgetSettings):
         return pins
 
 
-class RunSettings(ModelSettings, BudgetSettings):
+class RunSettings(ModelSettings, BudgetSettings, RepairOptions):
     """``automp run``: profile (reused when cached), search, verify, quantize the delivered allocation,
     evaluate, into ``out``."""
 
@@ -189,6 +222,8 @@ class RunSettings(ModelSettings, BudgetSettings):
     episodes: int | None = None  # reinforce / ppo
     bootstrap: int = 0  # N resamples of the calibration windows: each layer's format stability (bootstrap.json)
     kl: bool = False  # also profile KL (slow); needed only for --proxy kl
+    lm_head: bool = False  # the output head is allocated too (profiled, searched, quantized)
+    embeddings: bool = False  # the token embedding is allocated too (RTN, its own proxies)
     damp: float = 0.01
     act_order: bool = True
 
@@ -198,6 +233,20 @@ class RunSettings(ModelSettings, BudgetSettings):
     @model_validator(mode="after")
     def _engine_formats(self):
         return _with_engine_formats(self)
+
+
+class RepairSettings(ModelSettings, RepairOptions):
+    """``automp repair``: train the quantized model of a run directory (``run``), saved to ``out``."""
+
+    run: Path
+    out: Path
+    model: str | None = None  # the full-precision model; default: the one the run was made from
+    repair: str | None = "block-ap"
+    calib: str | None = None  # default: the run's calibration text (and its nsamples, seqlen, seed)
+    nsamples: int | None = None
+    eval: str | None = None
+    profile: Path | None = None  # sgra/joint's sensitivity table; default: the run's sensitivity.json
+    proxy: str = "outgrad"
 
 
 class ExportSettings(BaseModel):

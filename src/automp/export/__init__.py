@@ -9,6 +9,9 @@
 * ``gguf-map``: ``llama-quantize --tensor-type`` overrides that reproduce the allocation in llama.cpp.
 * ``gptq-dynamic``: a GPTQModel ``quantize_config.json`` with per-module ``dynamic`` overrides (a recipe).
 
+A quantized token embedding (``--embeddings``) goes only into the llama.cpp exports: the others quantize
+linear layers only, and refuse such a run with one error (a 16-bit allocated embedding is a dense tensor).
+
 Each exporter writes into a directory it is given (the pipeline stages it atomically) and returns a report
 dict with a ``warnings`` list; ``export_run`` adds the ``engine`` the export is for (``--engine`` for
 compressed-tensors, else the format's own engine) and every engine that ``loaders`` it.
@@ -19,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from automp.errors import AutompError
-from automp.export.run_dir import RunDir
+from automp.export.run_dir import RunDir, refuse_quantized_embedding
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf", "gguf-map", "gptq-dynamic")
 ENGINES = ("vllm", "transformers")
@@ -39,6 +42,8 @@ def export_run(run: RunDir, fmt: str, out: Path, engine: str = "vllm") -> dict:
     if fmt not in EXPORT_FORMATS:
         raise AutompError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     loaders = LOADERS.get(fmt, (engine, *(name for name in ENGINES if name != engine)))
+    if fmt not in ("gguf", "gguf-map"):  # llama.cpp alone stores a quantized token embedding
+        refuse_quantized_embedding(run, fmt, " and ".join(loaders))
     return {"engine": loaders[0], "loaders": list(loaders), **_export(run, fmt, out, engine)}
 
 

@@ -4,9 +4,11 @@ The file is what llama.cpp's ``convert_hf_to_gguf.py`` writes for the same Llama
 linear layers keep automp's quantization:
 
 * layers in a GGUF format (``q4_k``, ``q8_0``, ...) are written as their stored blocks, byte for byte,
-  with their GGML type; layers left in fp16/bf16 and the dense tensors (token embedding, output head)
-  in their stored 16-bit type (F16 or BF16); norms and other 1-D tensors in F32, as the converter does
-  (from automp's 16-bit copies: a converter run on an fp32 original keeps their last bits).
+  with their GGML type, an allocated token embedding (``--embeddings``: ``token_embd``, rows of ``hidden``
+  as llama.cpp stores them) and output head (``--lm-head``: ``output``) included; layers left in fp16/bf16
+  and the dense tensors (an unallocated embedding or head) in their stored 16-bit type (F16 or BF16);
+  norms and other 1-D tensors in F32, as the converter does (from automp's 16-bit copies: a converter
+  run on an fp32 original keeps their last bits).
   A layer in one of automp's own formats (``w4g128``, ``nf4g64``, ...) has no GGUF encoding: the export
   refuses the run and names those layers.
 * Llama's q/k projections are permuted from Hugging Face's rotate-half row order to GGML's interleaved
@@ -15,7 +17,8 @@ linear layers keep automp's quantization:
 * Metadata keys, tensor names (gguf-py's tensor-name map), ``general.*`` (gguf-py's ``Metadata``, so
   ``general.name`` comes from the run directory's name) and the tokenizer (gguf-py's ``SpecialVocab`` for
   merges and special tokens) follow the converter.
-  ``general.file_type`` is the file type of the GGML type that holds the most linear-layer weights,
+  ``general.file_type`` is the file type of the GGML type that holds the most linear-layer weights (the
+  token embedding is no linear layer),
   mapped as llama.cpp's loader maps the most common tensor type (Q4_K -> MOSTLY_Q4_K_M, ...).
 * Tokenizer: a byte-level BPE ``tokenizer.json``. The converter names the pre-tokenizer by hashing the
   tokens of a probe text and refuses hashes it does not know, so it cannot name an automp-trained
@@ -47,6 +50,7 @@ import torch
 from automp.errors import AutompError
 from automp.export.peft_adapter import refuse_corrections
 from automp.export.run_dir import RunDir
+from automp.model import EMBED_ROLE
 from automp.quantizers.gguf_weight import GGUFWeight
 
 GGUF_FILE = "model.gguf"
@@ -85,7 +89,8 @@ def export_gguf(run: RunDir, out: Path) -> dict:
     pre = tokenizer_pre(run.path)
     formats = _check_formats(run)
     tensors = list(_tensors(run, hparams))
-    layers, layer_types = {f"{name}.weight" for name in formats}, Counter()
+    linear = [name for name, layer in run.inventory.by_name().items() if name in formats and layer.role != EMBED_ROLE]
+    layers, layer_types = {f"{name}.weight" for name in linear}, Counter()
     for hf_name, _, data, qtype in tensors:
         if hf_name in layers:
             layer_types[qtype.name] += _numel(data, qtype)

@@ -5,7 +5,7 @@ gguf`` writes automp's own weights instead). ``gguf_map.json`` names its engine 
 whole command sequence: ``convert_hf_to_gguf.py`` (the original model to ``model-f16.gguf``), optionally
 ``llama-imatrix`` on the run's calibration text, then::
 
-    llama-quantize --token-embedding-type F16 --output-tensor-type HEAD --tensor-type-file tensor_types.txt \
+    llama-quantize --token-embedding-type EMBD --output-tensor-type HEAD --tensor-type-file tensor_types.txt \
         model-f16.gguf model-automp.gguf BASE
 
 (``--imatrix imatrix.gguf`` after the optional step), and ``llama-perplexity`` on the result; file names are
@@ -42,8 +42,9 @@ fp16 / bf16                   F16 / BF16 16
 
 Tensor names follow llama.cpp's converter: ``blk.N.attn_q``/``attn_k``/``attn_v``/``attn_qkv``/
 ``attn_output``, ``blk.N.ffn_gate``/``ffn_up``/``ffn_down`` (``fc1``/``fc2`` map to ``ffn_up``/``ffn_down``),
-``token_embd`` and ``output`` for ``lm_head``. automp keeps the embeddings and, unless it was quantized,
-``lm_head`` in 16-bit (a tied head is no tensor of its own). K-quants need rows of a multiple of 256 and the
+``token_embd`` for the token embedding and ``output`` for ``lm_head``. ``EMBD`` and ``HEAD`` are their
+allocated types when the run allocated them (``--embeddings``, ``--lm-head``), else F16 (a tied head is no
+tensor of its own). K-quants need rows of a multiple of 256 and the
 others rows of a multiple of 32. llama.cpp substitutes a fallback type for other shapes, and those tensors
 are reported as warnings. A run with ``+rN`` layers is refused: their low-rank corrections fit automp's
 quantization error, not the weights llama-quantize would produce.
@@ -59,6 +60,7 @@ from automp.errors import AutompError
 from automp.export.peft_adapter import recipe_reason, refuse_corrections
 from automp.export.run_dir import RunDir
 from automp.formats import Format
+from automp.model import EMBED_ROLE, HEAD_ROLE
 
 TYPES_FILE = "tensor_types.txt"  # for llama-quantize --tensor-type-file
 ARGS_FILE = "tensor_types.args"  # the same as command-line arguments
@@ -74,7 +76,7 @@ GGUF_NAMES = {  # automp role -> llama.cpp tensor name inside blk.N
     "q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output",
     "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down", "fc1": "ffn_up", "fc2": "ffn_down",
 }  # fmt: skip
-EMBEDDING_TYPE = "F16"  # the converter's --outtype f16, kept by llama-quantize when told so
+EMBEDDING_TYPE = "F16"  # an embedding or head automp did not allocate: the converter's --outtype f16, kept
 
 
 def gguf_type(fmt: Format) -> str:
@@ -95,8 +97,10 @@ def gguf_type(fmt: Format) -> str:
 
 
 def gguf_tensor_name(role: str, block: int, name: str) -> str:
-    if role == "lm_head":
+    if role == HEAD_ROLE:
         return "output.weight"
+    if role == EMBED_ROLE:
+        return "token_embd.weight"
     if role not in GGUF_NAMES:
         raise AutompError(f"no llama.cpp tensor name is known for layer {name} (role {role!r})")
     return f"blk.{block}.{GGUF_NAMES[role]}.weight"
@@ -111,13 +115,14 @@ def export_gguf_map(run: RunDir, out: Path) -> dict:
         weights[row["gguf_type"]] += row["numel"]
     quantized = [kind for kind, _ in weights.most_common() if kind not in ("F16", "BF16")]
     base = quantized[0] if quantized else "Q8_0"  # a 16-bit base would disable every override
-    layers = [row for row in rows if row["tensor"] != "output.weight"]
+    layers = [row for row in rows if row["tensor"] not in ("output.weight", "token_embd.weight")]
     head = next((row["gguf_type"] for row in rows if row["tensor"] == "output.weight"), EMBEDDING_TYPE)
-    tied = getattr(run.config, "tie_word_embeddings", False) and len(layers) == len(rows)
-    types = [("token_embd.weight", EMBEDDING_TYPE)] + [(row["tensor"], row["gguf_type"]) for row in layers]
+    embd = next((row["gguf_type"] for row in rows if row["tensor"] == "token_embd.weight"), EMBEDDING_TYPE)
+    tied = getattr(run.config, "tie_word_embeddings", False) and not any(r["tensor"] == "output.weight" for r in rows)
+    types = [("token_embd.weight", embd)] + [(row["tensor"], row["gguf_type"]) for row in layers]
     types += [] if tied else [("output.weight", head)]  # last: it would also match blk.N.attn_output.weight
     (out / TYPES_FILE).write_text("".join(f"{name}={kind}\n" for name, kind in types))
-    args = [f"--token-embedding-type {EMBEDDING_TYPE}", f"--output-tensor-type {head}"]
+    args = [f"--token-embedding-type {embd}", f"--output-tensor-type {head}"]
     args += [f"--tensor-type {row['tensor']}={row['gguf_type']}" for row in layers]
     (out / ARGS_FILE).write_text("\n".join(args) + "\n")
 
@@ -125,9 +130,9 @@ def export_gguf_map(run: RunDir, out: Path) -> dict:
     report = {
         "engine": "llama.cpp",
         "base_type": base,
-        "token_embedding_type": EMBEDDING_TYPE,
+        "token_embedding_type": embd,
         "output_tensor_type": head,
-        "commands": _commands(run, BASE_FTYPES.get(base, base), head),
+        "commands": _commands(run, BASE_FTYPES.get(base, base), embd, head),
         "avg_bits_automp": sum(row["automp_bits"] * row["numel"] for row in rows) / total,
         "avg_bits_gguf": sum(row["gguf_bits"] * row["numel"] for row in rows) / total,
         "gguf_bits_per_type": {kind: GGUF_BITS[kind] for kind in sorted(weights)},
@@ -155,13 +160,13 @@ def _rows(run: RunDir) -> list[dict]:
     return rows
 
 
-def _commands(run: RunDir, base: str, head: str) -> dict:
+def _commands(run: RunDir, base: str, embd: str, head: str) -> dict:
     """The llama.cpp command sequence, with the run's own model and calibration text where they are files."""
     settings = run.settings
     model = settings.get("model") or "MODEL_DIR"
     calib = next((text for text in (settings.get("calib") or "").split(",") if text.endswith(".txt")), "CALIB.txt")
     ctx = settings.get("seqlen") or 512
-    quantize = f"llama-quantize --token-embedding-type {EMBEDDING_TYPE} --output-tensor-type {head} --tensor-type-file"
+    quantize = f"llama-quantize --token-embedding-type {embd} --output-tensor-type {head} --tensor-type-file"
     return {  # in order; the imatrix step and quantize_imatrix replace quantize when an importance matrix is wanted
         "convert": f"python convert_hf_to_gguf.py {model} --outtype f16 --outfile model-f16.gguf",
         "imatrix": f"llama-imatrix -m model-f16.gguf -f {calib} -c {ctx} -o imatrix.gguf",

@@ -20,7 +20,7 @@ from torch import nn
 from automp.allocation import Allocation
 from automp.checkpoint import DENSE_TENSORS, QUANT_FILE, QUANT_TENSORS
 from automp.errors import AutompError
-from automp.model import Inventory, inventory, lm_head_name
+from automp.model import EMBED_ROLE, Inventory, inventory_for
 from automp.quantizers.qweight import QWeight, load_qweight
 
 SETTINGS_FILE = "automp_config.json"  # the settings the run was made with (written by the pipeline)
@@ -53,7 +53,7 @@ class RunDir:
 
     @cached_property
     def inventory(self) -> Inventory:
-        return inventory(self.skeleton, include_lm_head=lm_head_name(self.skeleton) in self.allocation.formats)
+        return inventory_for(self.skeleton, self.allocation.formats)
 
     @cached_property
     def settings(self) -> dict:
@@ -86,6 +86,19 @@ class RunDir:
             return load_file(self.path / DENSE_TENSORS)
         except Exception as err:
             raise AutompError(f"corrupt automp checkpoint in {self.path}: {err}") from err
+
+
+def refuse_quantized_embedding(run: RunDir, export_format: str, loaders: str) -> None:
+    """One error, before anything is written, when ``run`` quantized its token embedding (``--embeddings``):
+    ``export_format`` quantizes linear layers only, and ``loaders`` read a 16-bit embedding."""
+    quantized = [f"{layer.name} ({run.allocation.formats[layer.name]})" for layer in run.inventory.layers
+                 if layer.role == EMBED_ROLE and run.allocation.format_of(layer.name).quantized]  # fmt: skip
+    if quantized:
+        raise AutompError(
+            f"--format {export_format} quantizes linear layers only ({loaders} load a 16-bit token embedding), "
+            f"but this run quantized its token embedding {quantized[0]}: quantize without --embeddings for this "
+            "export, or export it for llama.cpp with --format gguf or gguf-map"
+        )
 
 
 def listing(items: list[str], limit: int = 8) -> str:

@@ -14,6 +14,10 @@ How the cache relates to ``quantize_``:
   deployed model (``quantize_``) computes Hessians from already quantized upstream blocks, so its
   numbers come out slightly different.
 
+The token embedding (role ``embed``) is cached with RTN whatever the method, as ``quantize_`` quantizes
+it. The output head and the embedding are cached when the evaluator is built with them, or on the first
+allocation that names them (so callers need not know whether a table allocates them).
+
 Layers in a 16-bit format keep the model's own weights. Other tensors (embeddings, norms) are not
 rounded to 16 bits. The all-16-bit allocation therefore reproduces the loaded model's perplexity
 exactly, and every number measures only the damage the allocated layers do.
@@ -38,9 +42,18 @@ from tqdm import tqdm
 
 from automp.allocation import Allocation
 from automp.errors import AutompError
+from automp.execution.blocks import capture_block_inputs, hessian_hooks, propagate, run_block
 from automp.formats import Format, get_format
-from automp.model import Inventory, decoder_blocks, inventory, linear_weight, set_linear_weight
-from automp.quantize import GPTQConfig, _capture_block_inputs, _hessian_hooks, _run_block, _with_hidden
+from automp.model import (
+    Inventory,
+    LayerInfo,
+    decoder_blocks,
+    inventory,
+    inventory_for,
+    linear_weight,
+    set_linear_weight,
+)
+from automp.quantize import GPTQConfig
 from automp.quantizers.gptq import gptq_quantize
 from automp.quantizers.rtn import rtn_quantize
 
@@ -76,6 +89,7 @@ class AllocationEvaluator:
         method: str = "rtn",
         metric: str = "ppl",
         include_lm_head: bool = False,
+        include_embeddings: bool = False,
         gptq: GPTQConfig | None = None,
         batch_size: int = 8,
         progress: bool = False,
@@ -94,7 +108,9 @@ class AllocationEvaluator:
         self.batch_size = batch_size
         self.progress = progress
         self.evaluations = 0
-        self.inventory: Inventory = inventory(model, include_lm_head=include_lm_head)
+        self.inventory: Inventory = inventory(
+            model, include_lm_head=include_lm_head, include_embeddings=include_embeddings
+        )
         self.formats = [get_format(f) if isinstance(f, str) else f for f in formats]
         if not self.formats:
             raise AutompError("the evaluator needs at least one format")
@@ -102,7 +118,8 @@ class AllocationEvaluator:
         self._original = {name: linear_weight(m).detach().clone() for name, m in self._modules.items()}
         self._current = dict.fromkeys(self._modules, "")  # "" = the original weight
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
-        self._prequantize(method, calib, gptq or GPTQConfig())
+        self._method, self._calib, self._gptq = method, calib, gptq or GPTQConfig()
+        self._prequantize(self.inventory.layers)
         self._reference_logprobs: torch.Tensor | None = None
         self._reference_entropy: torch.Tensor | None = None
         self._supports_attention: bool | None = None
@@ -122,6 +139,7 @@ class AllocationEvaluator:
 
     def apply(self, allocation: Allocation) -> None:
         """Put the cached weights of ``allocation`` into the model (only layers that change are copied)."""
+        self._admit(allocation)
         allocation.check(self.inventory)
         for name, module in self._modules.items():
             fmt = allocation.format_of(name)
@@ -213,10 +231,16 @@ class AllocationEvaluator:
 
     def _full_precision(self, reduce, attention: bool = False) -> list[torch.Tensor]:
         """``reduce(logits, attentions)`` per batch with the original weights, the current ones restored after."""
+        with self._original_weights():
+            return [reduce(logits, attn) for _start, _ids, logits, attn in self._batches(attention)]
+
+    @contextlib.contextmanager
+    def _original_weights(self):
+        """The original weights inside the ``with`` block; the current ones are put back after it."""
         current = dict(self._current)
         self.restore()
         try:
-            return [reduce(logits, attn) for _start, _ids, logits, attn in self._batches(attention)]
+            yield
         finally:
             for name, key in current.items():
                 if key:
@@ -228,44 +252,65 @@ class AllocationEvaluator:
 
     # ---- the cache ------------------------------------------------------------------------------------
 
+    def _admit(self, allocation: Allocation) -> None:
+        """Cache the output head / token embedding the first time an allocation names them (when every layer
+        cached so far is named too; otherwise ``Allocation.check`` reports the mismatch)."""
+        wanted = inventory_for(self.model, allocation.formats)
+        new = [layer for layer in wanted.layers if layer.name not in self._modules]
+        if not new or not set(self._modules) <= {layer.name for layer in wanted.layers}:
+            return
+        self.inventory = wanted
+        for layer in new:
+            self._modules[layer.name] = module = self.model.get_submodule(layer.name)
+            self._original[layer.name] = linear_weight(module).detach().clone()
+            self._current[layer.name] = ""
+        self._prequantize(new)
+
     @torch.no_grad()
-    def _prequantize(self, method: str, calib: torch.Tensor | None, gptq: GPTQConfig) -> None:
+    def _prequantize(self, layers: list[LayerInfo]) -> None:
         quantized = [fmt for fmt in self.formats if fmt.quantized]
-        for layer in self.inventory.layers:
+        for layer in layers:
             for fmt in quantized:
                 fmt.check_shape(layer.out_features, layer.in_features)
         if not quantized:
             return
-        if method == "rtn":
-            for name in tqdm(self._modules, desc="rtn cache", disable=not self.progress, leave=False):
-                for fmt in quantized:
-                    self._store(name, fmt, rtn_quantize(self._original[name], fmt).dequantize())
-            return
-        for name, hessian in self._full_precision_hessians(calib):
+        # RTN for every layer under method rtn, and for the token embedding (block -1, no Hessian) always
+        rtn = [layer.name for layer in layers if self._method == "rtn" or layer.block < 0]
+        for name in tqdm(rtn, desc="rtn cache", disable=not self.progress, leave=False):
             for fmt in quantized:
-                self._store(name, fmt, gptq_quantize(self._original[name], hessian, fmt, **vars(gptq)).dequantize())
+                self._store(name, fmt, rtn_quantize(self._original[name], fmt).dequantize())
+        names = {layer.name for layer in layers} - set(rtn)
+        if not names:
+            return
+        with self._original_weights():
+            for name, hessian in self._full_precision_hessians(self._calib, names):
+                for fmt in quantized:
+                    qweight = gptq_quantize(self._original[name], hessian, fmt, **vars(self._gptq))
+                    self._store(name, fmt, qweight.dequantize())
 
     def _store(self, name: str, fmt: Format, weight: torch.Tensor) -> None:
         original = self._original[name]
         self._cache[(name, fmt.name)] = weight.to(device=original.device, dtype=original.dtype)
 
-    def _full_precision_hessians(self, calib: torch.Tensor):
-        """(layer name, input Hessian) block by block, every block fed full-precision inputs.
+    def _full_precision_hessians(self, calib: torch.Tensor, names: set[str]):
+        """(layer name, input Hessian) of the layers ``names``, block by block, every block fed full-precision
+        inputs (the caller holds the original weights in the model).
 
         Only one block's activations and Hessians are held at a time, as in ``quantize_``.
         """
         model, blocks = self.model, decoder_blocks(self.model)
-        block_of = {layer.name: layer.block for layer in self.inventory.layers}
-        inputs = _capture_block_inputs(model, blocks[0], calib, self.batch_size)
-        for index, block in enumerate(tqdm(blocks, desc="gptq cache", disable=not self.progress, leave=False)):
-            names = [name for name, b in block_of.items() if b == index]
-            with _hessian_hooks({name: self._modules[name] for name in names}) as hessians:
-                outputs = list(_run_block(block, inputs))
+        block_of = {layer.name: layer.block for layer in self.inventory.layers if layer.name in names}
+        todo = blocks if any(0 <= b < len(blocks) for b in block_of.values()) else []  # the head alone: no blocks
+        inputs = capture_block_inputs(model, blocks[0], calib, self.batch_size) if todo else []
+        for index, block in enumerate(tqdm(todo, desc="gptq cache", disable=not self.progress, leave=False)):
+            here = [name for name, b in block_of.items() if b == index]
+            with hessian_hooks({name: self._modules[name] for name in here}) as hessians:
+                outputs = list(run_block(block, inputs))
             yield from hessians.items()
-            inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
+            inputs = propagate(inputs, outputs)
         head = [name for name, b in block_of.items() if b == len(blocks)]  # lm_head, after the final norm
         if head:
-            with _hessian_hooks({head[0]: self._modules[head[0]]}) as hessians:
+            with hessian_hooks({head[0]: self._modules[head[0]]}) as hessians:
                 for batch in calib.split(self.batch_size):
                     model(input_ids=batch.to(self._device), use_cache=False)
             yield from hessians.items()

@@ -2,14 +2,17 @@
 
 A recipe is a base type plus llama.cpp's per-tensor bumps (``llama_tensor_get_type_impl`` in
 ``src/llama-quant.cpp``), here for dense decoder blocks (no experts, not Falcon, not a 70B-type model):
-attn_v, attn_output, ffn_down and a fused qkv get more bits by role and by layer position. Token
-embeddings and the output head are not allocated layers and are left out. With ``--engine llama.cpp``
+attn_v, attn_output, ffn_down and a fused qkv get more bits by role and by layer position. When the
+token embedding and the output head are allocated layers (``--embeddings``, ``--lm-head``) they get
+llama-quantize's defaults: ``token_embd`` the recipe's base type, ``output`` Q6_K (Q8_0 for a row that
+is not a multiple of 256). With ``--engine llama.cpp``
 verification measures the largest recipe within the budget next to uniform, so what automp delivers
 never measured worse than llama.cpp's own choice at the same bytes.
 """
 
 from __future__ import annotations
 
+from automp.model import EMBED_ROLE, HEAD_ROLE
 from automp.sensitivity.table import LayerStats
 
 BASE = {
@@ -27,11 +30,13 @@ def recipe(name: str, layers: list[LayerStats]) -> dict[str, str]:
     """Layer name -> automp GGUF format under llama.cpp's recipe ``name`` (e.g. ``Q3_K_M``)."""
     by_role = {role: [layer for layer in layers if layer.role == role] for role in ("q", "k", "v", "o", "down")}
     n_gqa = by_role["q"][0].out_features // by_role["k"][0].out_features if by_role["q"] and by_role["k"] else 1
-    n_layer = max((layer.block for layer in layers), default=0) + 1
+    n_layer = max((layer.block for layer in layers if layer.role not in (EMBED_ROLE, HEAD_ROLE)), default=0) + 1
     out = {}
     for layer in layers:
         fmt = BASE[name]
-        if layer.role == "v":
+        if layer.role == HEAD_ROLE:
+            fmt = "q6_k" if layer.in_features % 256 == 0 else "q8_0"
+        elif layer.role == "v":
             fmt = _attn_v(name, by_role["v"].index(layer), len(by_role["v"]), n_gqa, fmt)
         elif layer.role in ("down", "fc2"):
             fmt = _ffn_down(name, layer.block, n_layer, fmt)

@@ -41,12 +41,25 @@ for layers profiled without it), then makes one forward + backward pass per wind
 ``WINDOWS_FILE`` into the work directory. Neither is in the manifest: a profile with or without it
 reuses the other's measurements.
 
+**Token embedding** (``embeddings=True``; role ``embed``). Its weight ``W`` (vocab, hidden) is a linear map
+of one-hot inputs: row ``v`` is what token ``v`` looks up. Its ``dW`` is RTN's (llama.cpp quantizes
+``token_embd`` without an importance matrix, and ``quantize_`` uses RTN for it whatever the method). With
+``X`` one-hot, ``H = X^T X / n`` is diagonal: ``d_v = c_v / n``, the share of calibration tokens that are
+``v``. So ``output_err = sum_v d_v ||dW_v||^2`` (the mean squared error of the looked-up vectors).
+``weight_mse``, ``grad_first_order``, ``fisher`` and ``kl`` are as for a linear (gradients w.r.t. ``W``).
+``output_grad`` needs no independence assumption here: token ``t``'s output error is exactly ``dW[v_t]``,
+so the pre-pass keeps the (vocab, hidden) matrix ``G_vh = T * mean_i sum_{t: v_t = v} (dL_i/dy_th)^2`` and
+the score is ``1/2 sum G * dW^2``, ModelOpt's per-token sum exactly. Its "activation" statistics are those
+of its output (the looked-up rows). Per-window terms are not kept for it (``per_window`` refuses it).
+The output head (``lm_head=True``) is profiled as any linear layer.
+
 Unquantized formats (fp16/bf16) cost 0 under every proxy: their rounding error is ignored.
 
 **Memory.** The model, plus for every inventory layer two fp32 weight-sized accumulators (mean
 gradient, Fisher), one fp32 ``in x in`` Hessian and one ``out`` vector (``G``), all on the layer's
-device. Activation moments are scalars. With KL, the reference log-probabilities of the KL windows are held too
-(windows x seqlen x vocab fp32).
+device (the token embedding: a third weight-sized ``G`` and a vocab vector instead). Activation moments
+are scalars. With KL, the reference log-probabilities of the KL windows are held too (windows x seqlen x
+vocab fp32).
 
 **Resuming.** With ``work_dir``, the pre-pass is saved to ``prepass.safetensors`` + ``prepass.json``
 and each finished layer to ``layers/<name>.json``. Every write is atomic (temporary file, then
@@ -79,11 +92,13 @@ from transformers.pytorch_utils import Conv1D
 
 from automp.checkpoint import _dense_tensors
 from automp.errors import AutompError
+from automp.execution.blocks import model_device
 from automp.formats import Format
-from automp.model import Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
+from automp.model import EMBED_ROLE, Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
 from automp.quantize import GPTQConfig
 from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
 from automp.quantizers.qweight import CorrectedWeight, QWeight
+from automp.quantizers.rtn import rtn_quantize
 from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, SensitivityTable
 from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts, load_codes, measure_windows, save_codes
 
@@ -113,6 +128,8 @@ def profile_model(
     progress: bool = True,
     clock: Stopwatch | None = None,
     per_window: bool = False,
+    lm_head: bool = False,
+    embeddings: bool = False,
 ) -> SensitivityTable:
     """Measure every inventory layer of ``model`` in every format; see the module docstring.
 
@@ -121,17 +138,24 @@ def profile_model(
     number of windows per forward pass for KL (the pre-pass goes one window at a time). Without
     ``work_dir`` a temporary one is used and removed. ``per_window`` also writes the per-window costs
     to ``work_dir / WINDOWS_FILE`` (read them with ``WindowCosts.load``); it needs a ``work_dir``.
+    ``lm_head`` / ``embeddings`` add the output head / the token embedding as layers.
     """
-    inv = inventory(model)
+    inv = inventory(model, include_lm_head=lm_head, include_embeddings=embeddings)
     _check_inputs(inv, formats, calib)
     if per_window and work_dir is None:
         raise AutompError("per-window costs are written to the work directory: give profile_model a work_dir")
+    if per_window and embeddings:
+        raise AutompError(
+            "per-window costs (--per-window, --bootstrap) are not measured for the token embedding: "
+            "leave out --embeddings, or the per-window terms"
+        )
     gptq = gptq or GPTQConfig()
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="automp-profile-") as tmp:
             return profile_model(
                 model, formats, calib, model_name=model_name, calib_info=calib_info, kl_windows=kl_windows,
                 work_dir=Path(tmp), gptq=gptq, batch_size=batch_size, progress=progress, clock=clock,
+                lm_head=lm_head, embeddings=embeddings,
             )  # fmt: skip
 
     stage = clock.stage if clock is not None else _no_stage
@@ -140,7 +164,7 @@ def profile_model(
     with stage("prepass"):
         if not (work / PREPASS_JSON).is_file():
             _save_prepass(work, _prepass(model, inv, calib, progress))
-        prepass = _load_prepass(work, _device(model))  # always from disk: a resumed run sees the same values
+        prepass = _load_prepass(work, model_device(model))  # always from disk: a resumed run sees the same values
 
     todo = [layer for layer in inv.layers if not _layer_path(work, layer.name).is_file()]
     if todo:
@@ -227,10 +251,6 @@ def _no_stage(_name: str):
     yield
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ---- the pre-pass -----------------------------------------------------------------------------
 
 
@@ -266,10 +286,11 @@ class Moments:
 
 @dataclass
 class Prepass:
-    hessians: dict[str, torch.Tensor]  # layer -> (in, in) input Hessian X^T X / n
+    hessians: dict[str, torch.Tensor]  # layer -> (in, in) input Hessian X^T X / n; embedding: (vocab,) diagonal
     grads: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of dL_i/dW
     fisher: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of (dL_i/dW)^2
-    output_fisher: dict[str, torch.Tensor]  # layer -> (out,) T * mean over windows of sum_t (dL_i/dy_t)^2
+    output_fisher: dict[str, torch.Tensor]  # layer -> (out,) T * mean over windows of sum_t (dL_i/dy_t)^2;
+    # embedding: (vocab, hidden), the sum over the tokens of each row
     activations: dict[str, dict[str, float]]  # layer -> Moments.summary() of its input
 
 
@@ -277,28 +298,10 @@ def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bo
     """One forward + backward per calibration window through the full-precision model."""
     modules = {layer.name: model.get_submodule(layer.name) for layer in inv.layers}
     weights = {name: module.weight for name, module in modules.items()}
-    in_features = {layer.name: layer.in_features for layer in inv.layers}
-    hessians = {name: HessianAccumulator(in_features[name], w.device) for name, w in weights.items()}
-    moments = {name: Moments() for name in modules}
+    accumulators = {layer.name: _Accumulator.of(layer, weights[layer.name].device) for layer in inv.layers}
     grads = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
     fisher = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
-    output_fisher = {layer.name: torch.zeros(layer.out_features, device=weights[layer.name].device)
-                     for layer in inv.layers}  # fmt: skip
-
-    def record(name: str):
-        def add_output_grad(grad: torch.Tensor) -> None:
-            output_fisher[name] += grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(0)
-
-        def hook(_module, inputs, output):
-            x = inputs[0].detach()
-            hessians[name].add(x)
-            moments[name].add(x)
-            if output.requires_grad:  # dL/dY passes through here on the way to dL/dW
-                output.register_hook(add_output_grad)
-
-        return hook
-
-    hooks = [module.register_forward_hook(record(name)) for name, module in modules.items()]
+    hooks = [module.register_forward_hook(accumulators[name].hook) for name, module in modules.items()]
     # gradients are needed for the layer weights only; every other parameter is frozen meanwhile
     flags = {param: param.requires_grad for param in model.parameters()}
     for param in model.parameters():
@@ -307,7 +310,7 @@ def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bo
         weight.requires_grad_(True)
     try:
         for window in tqdm(calib, desc="profile pre-pass", disable=not progress, leave=False):
-            ids = window.unsqueeze(0).to(_device(model))
+            ids = window.unsqueeze(0).to(model_device(model))
             with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False).logits.float()
                 loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
@@ -323,12 +326,62 @@ def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bo
             param.requires_grad_(flag)
     n, loss_tokens = len(calib), calib.shape[1] - 1
     return Prepass(
-        hessians={name: acc.hessian for name, acc in hessians.items()},
+        hessians={name: acc.hessian() for name, acc in accumulators.items()},
         grads={name: _out_in(modules[name], grads[name] / n) for name in modules},
         fisher={name: _out_in(modules[name], fisher[name] / n) for name in modules},
-        output_fisher={name: acc * (loss_tokens / n) for name, acc in output_fisher.items()},
-        activations={name: m.summary() for name, m in moments.items()},
+        output_fisher={name: acc.output_fisher * (loss_tokens / n) for name, acc in accumulators.items()},
+        activations={name: acc.moments.summary() for name, acc in accumulators.items()},
     )
+
+
+@dataclass
+class _Accumulator:
+    """What a forward hook gathers for one layer: its Hessian, activation moments and squared output gradients.
+
+    A linear layer keeps ``H = X^T X / n`` of its inputs and the (out,) sums of ``(dL/dy_o)^2``; the token
+    embedding keeps its token counts (the diagonal of ``H`` for one-hot inputs) and the (vocab, hidden)
+    sums of ``(dL/dy_th)^2`` over the tokens of each row, and the moments of its output."""
+
+    embedding: bool
+    moments: Moments
+    output_fisher: torch.Tensor
+    inputs: HessianAccumulator | None = None  # linear layers
+    counts: torch.Tensor | None = None  # the embedding: (vocab,) calibration tokens per row
+
+    @classmethod
+    def of(cls, layer: LayerInfo, device: torch.device) -> _Accumulator:
+        if layer.role == EMBED_ROLE:
+            rows = torch.zeros(layer.out_features, layer.in_features, device=device)  # (vocab, hidden)
+            counts = torch.zeros(layer.out_features, device=device, dtype=torch.float64)  # (vocab,)
+            return cls(True, Moments(), rows, counts=counts)
+        inputs = HessianAccumulator(layer.in_features, device)
+        return cls(False, Moments(), torch.zeros(layer.out_features, device=device), inputs=inputs)
+
+    def hook(self, _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.embedding:
+            ids = inputs[0].detach().reshape(-1)  # (T,)
+            self.counts += torch.bincount(ids, minlength=len(self.counts)).to(self.counts)
+            self.moments.add(output)
+            if output.requires_grad:  # each token's dL/dy goes to the row it looked up
+                output.register_hook(lambda grad: self._add_rows(ids, grad))
+            return
+        x = inputs[0].detach()
+        self.inputs.add(x)
+        self.moments.add(x)
+        if output.requires_grad:  # dL/dY passes through here on the way to dL/dW
+            output.register_hook(self._add_outputs)
+
+    def _add_outputs(self, grad: torch.Tensor) -> None:
+        self.output_fisher += grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+
+    def _add_rows(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        self.output_fisher.index_add_(0, ids, grad.detach().float().pow(2).reshape(len(ids), -1))
+
+    def hessian(self) -> torch.Tensor:
+        """``X^T X / n``; for the embedding its diagonal, each row's share of the calibration tokens."""
+        if self.embedding:
+            return (self.counts / self.counts.sum()).float()
+        return self.inputs.hessian
 
 
 def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -364,7 +417,7 @@ class _KLProbe:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
         self.model = model
-        self.batches = [batch.to(_device(model)) for batch in windows.split(batch_size)]
+        self.batches = [batch.to(model_device(model)) for batch in windows.split(batch_size)]
         self.reference = [self._log_probs(batch) for batch in self.batches]
 
     @torch.no_grad()
@@ -404,10 +457,14 @@ def _measure_layer(
     hessian = prepass.hessians[layer.name]
     grad, fisher = prepass.grads[layer.name].double(), prepass.fisher[layer.name].double()
     output_fisher = prepass.output_fisher[layer.name].double()
+    embedding = layer.role == EMBED_ROLE
     costs, plain = {}, {}
 
     def quantize(fmt: Format) -> QWeight:
-        """GPTQ in ``fmt``; a +rN format corrects its base format's result (GPTQ once per base)."""
+        """GPTQ in ``fmt``; a +rN format corrects its base format's result (GPTQ once per base). The
+        embedding gets RTN (its +rN the data-free svd correction), as ``quantize_`` quantizes it."""
+        if embedding:
+            return rtn_quantize(weight, fmt)
         if fmt.rank:
             return CorrectedWeight.fit(weight, quantize(fmt.base), hessian, fmt, gptq.correction)
         if fmt.name not in plain:
@@ -434,14 +491,19 @@ def _measure_layer(
         if probe is not None:
             with stage("kl"):
                 kl = probe.with_weight(module, quantized)
-        row_err = ((error @ hessian.double()) * error).sum(dim=1)  # (out,): each output's tr term
+        if embedding:  # H = diag(d): each row's error weighted by its share of tokens; G per row and column
+            row_err = squared.sum(dim=1) * hessian.double()
+            output_grad = 0.5 * float((output_fisher * squared).sum())
+        else:
+            row_err = ((error @ hessian.double()) * error).sum(dim=1)  # (out,): each output's tr term
+            output_grad = 0.5 * float((output_fisher * row_err).sum())
         cost = FormatCost(
             bits=bits,
             weight_mse=float(squared.sum()),
             output_err=float(row_err.sum()),
             grad_first_order=float((grad * error).abs().sum()),
             fisher=0.5 * float((fisher * squared).sum()),
-            output_grad=0.5 * float((output_fisher * row_err).sum()),
+            output_grad=output_grad,
             kl=kl,
         )
         costs[fmt.name] = cost.model_dump()
@@ -472,7 +534,7 @@ def _profile_windows(
     calib_info: CalibInfo,
 ) -> None:
     """Write ``work / WINDOWS_FILE`` from the codes the table was measured with (GPTQ again where missing)."""
-    device = _device(model)
+    device = model_device(model)
     codes = {}
     for layer in inv.layers:
         path = _codes_path(work, layer.name)

@@ -96,6 +96,18 @@ class SensitivityTable(BaseModel):
     def weight_count(self) -> int:
         return sum(layer.numel for layer in self.layers)
 
+    def without(self, names: set[str]) -> SensitivityTable:
+        """The table with layers ``names`` left out of the allocation: kept 16-bit, their bytes fixed cost."""
+        dropped = [layer for layer in self.layers if layer.name in names]
+        return self.model_copy(
+            update={
+                "layers": [layer for layer in self.layers if layer.name not in names],
+                "costs": {name: cost for name, cost in self.costs.items() if name not in names},
+                "fused": [group for group in self.fused if not set(group) & names],
+                "dense_bytes": self.dense_bytes + sum(2 * layer.numel for layer in dropped),
+            }
+        )
+
     def format_index(self, name: str) -> int:
         key = get_format(name).name
         if key not in self.formats:

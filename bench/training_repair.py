@@ -1,0 +1,144 @@
+"""Training repair on a benchmark model: GPTQ alone against Block-AP, sign rounding and E2E-QP.
+
+    python bench/training_repair.py --model ../shared/models/bench-a --data ../shared/data --work /tmp/trainrep
+
+The model is GPTQ-quantized once in ``--scheme`` (w2g64: the regime where damage is clear), then each
+row repairs a copy of it with ``automp.repair`` (``--rows``, in order):
+
+* ``gptq``: GPTQ alone, the reference;
+* ``block-ap``: Block-AP, uniform schedule, the defaults (8 epochs per block);
+* ``sign-round``: AutoRound-style sign rounding, 200 steps per block;
+* ``block-ap-sgra`` / ``block-ap-joint``: the sensitivity-guided schedules rescaled to uniform's total
+  steps (``--equal-steps``); the block sensitivities come from the profile of bench/allocation.py
+  (its ``--work`` profile directory, ``--profile-work``), proxy ``outgrad``. At a uniform scheme every
+  block has the same bits, so joint differs from sgra only in its constant factors;
+* ``block-ap+e2e-qp``: Block-AP, then end-to-end scale tuning on KL to the full-precision model;
+* ``sign-round-selfgen``: sign rounding trained on windows sampled from the full-precision model
+  (``--train-data self-generated``) instead of the calibration text.
+
+Training uses the 128 calibration windows of ``calib/wiki.txt`` (the last eighth held out for early
+stopping); nothing is tuned on the test texts. Each row is evaluated on the full WikiText-2 test text
+and on ``--indomain-windows`` windows of a Wikipedia shard bench-a never saw. ``ΔNLL`` is the mean
+per-window NLL difference against GPTQ alone, ``±`` its paired SE, ``*`` a difference beyond 2 SE.
+"seconds" is the repair's wall time. Finished rows are cached in ``--work``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from allocation import FORMATS, IN_DOMAIN  # noqa: E402
+from automp.allocation import Allocation  # noqa: E402
+from automp.data import load_windows  # noqa: E402
+from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
+from automp.formats import parse_formats  # noqa: E402
+from automp.model import inventory  # noqa: E402
+from automp.quantize import quantize_  # noqa: E402
+from automp.repair import E2EConfig, ReconstructConfig, RepairConfig, repair_  # noqa: E402
+from automp.repair.selfgen import cached_windows  # noqa: E402
+from automp.sensitivity.profile import profile_model  # noqa: E402
+from automp.sensitivity.table import CalibInfo  # noqa: E402
+from common import CALIB, Bench, RowCache, markdown_table, report  # noqa: E402
+
+ROWS = "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen"
+CONFIGS = {  # row -> (methods, schedule, train data)
+    "block-ap": (("block-ap",), "uniform", "calib"),
+    "sign-round": (("sign-round",), "uniform", "calib"),
+    "block-ap-sgra": (("block-ap",), "sgra", "calib"),
+    "block-ap-joint": (("block-ap",), "joint", "calib"),
+    "block-ap+e2e-qp": (("block-ap", "e2e-qp"), "uniform", "calib"),
+    "sign-round-selfgen": (("sign-round",), "uniform", "self-generated"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--work", required=True, help="cache: the quantized model and every finished row")
+    parser.add_argument("--profile-work", default="/tmp/alloc/profile", help="bench/allocation.py's profile cache")
+    parser.add_argument("--scheme", default="w2g64")
+    parser.add_argument("--rows", default=ROWS)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--indomain-windows", type=int, default=128)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    work = Path(args.work)
+    cache = RowCache(work)
+    bench = Bench.load(args.model, args.data, args.nsamples)
+    reference = copy.deepcopy(bench.model).eval()
+    seqlen = bench.eval_windows.shape[1]
+    indomain = load_windows(str(Path(args.data) / IN_DOMAIN), bench.tokenizer, seqlen)[: args.indomain_windows]
+    inv = inventory(bench.model)
+    allocation = Allocation.uniform(inv, args.scheme)
+    model = bench.reset()
+    gptq = quantize_(model, allocation, "gptq", bench.calib, progress=False)
+    gptq_state = copy.deepcopy(model.state_dict())
+    table = None
+
+    def evaluate(key: str, repaired: torch.nn.Module, extra: dict) -> dict:
+        row = {"key": key, "label": key, "avg_bits": allocation.avg_bits(inv), **extra}
+        wiki = perplexity(repaired, bench.eval_windows, progress=False)
+        local = perplexity(repaired, indomain, progress=False)
+        row |= {"ppl": wiki.ppl, "nll": wiki.window_nll, "indomain_ppl": local.ppl, "indomain_nll": local.window_nll}
+        return cache.put(key, row)
+
+    rows = []
+    for key in args.rows.split(","):
+        if (row := cache.get(key)) is None:
+            model.load_state_dict(gptq_state)
+            qweights = dict(gptq)  # repair replaces entries, never the stored weights themselves
+            if key == "gptq":
+                row = evaluate(key, model, {"seconds": 0.0})
+            else:
+                methods, schedule, data = CONFIGS[key]
+                if schedule != "uniform" and table is None:
+                    table = profile_model(
+                        bench.reset(), parse_formats(FORMATS), bench.calib, model_name=args.model,
+                        calib_info=CalibInfo(spec=CALIB, nsamples=args.nsamples, seqlen=seqlen, seed=0),
+                        work_dir=Path(args.profile_work), progress=False,
+                    )  # fmt: skip
+                    model.load_state_dict(gptq_state)
+                config = RepairConfig(methods, schedule, equal_steps=schedule != "uniform",
+                                      reconstruct=ReconstructConfig(), e2e=E2EConfig())  # fmt: skip
+                windows = bench.calib
+                if data == "self-generated":
+                    windows = cached_windows(reference, work / "selfgen", len(bench.calib), seqlen, progress=False)
+                start = time.perf_counter()
+                done = repair_(model, qweights, reference, windows, config, table=table, allocation=allocation,
+                               state_dir=work / f"state-{key}", progress=False)  # fmt: skip
+                seconds = time.perf_counter() - start
+                row = evaluate(key, model, {"seconds": seconds, "steps": done.summary().get("steps", 0)})
+            print({k: v for k, v in row.items() if "nll" not in k}, file=sys.stderr, flush=True)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for text, field in (("wiki", "nll"), ("indomain", "indomain_nll")):
+            delta, se = paired_delta(_nll(base, field), _nll(row, field))
+            row[f"{text}_delta"], row[f"{text}_se"] = delta, se
+            row[f"{text}_mark"] = "*" if se and abs(delta) > 2 * se else ""
+    columns = [
+        ("label", "row", ""), ("avg_bits", "bits", ".3f"), ("ppl", "WikiText PPL", ".2f"),
+        ("wiki_delta", "ΔNLL vs GPTQ", "+.5f"), ("wiki_se", "±", ".5f"), ("wiki_mark", "", ""),
+        ("indomain_ppl", "in-domain PPL", ".2f"), ("indomain_delta", "ΔNLL vs GPTQ", "+.5f"),
+        ("indomain_se", "±", ".5f"), ("indomain_mark", "", ""), ("steps", "steps", "d"), ("seconds", "seconds", ".0f"),
+    ]  # fmt: skip
+    payload = {"model": args.model, "scheme": args.scheme, "fp16_ppl": bench.baseline.ppl,
+               "rows": [{k: v for k, v in r.items() if k not in ("nll", "indomain_nll")} for r in rows]}  # fmt: skip
+    report("training repair", payload, markdown_table(rows, columns), args.out)
+
+
+def _nll(row: dict, field: str) -> Perplexity:
+    return Perplexity(0.0, len(row[field]), 0, 0, row[field])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""How models are run: block by block over the decoder (``blocks.py``)."""
