@@ -14,7 +14,9 @@ row repairs a copy of it with ``automp.repair`` (``--rows``, in order):
   block has the same bits, so joint differs from sgra only in its constant factors;
 * ``block-ap+e2e-qp``: Block-AP, then end-to-end scale tuning on KL to the full-precision model;
 * ``sign-round-selfgen``: sign rounding trained on windows sampled from the full-precision model
-  (``--train-data self-generated``) instead of the calibration text.
+  (``--train-data self-generated``) instead of the calibration text;
+* ``seq-finetune``: GPTQ again from full precision, the blocks downstream trained (8 steps of KL to the
+  full-precision model, lr 1e-4) after each block is quantized (``--repair seq-finetune``).
 
 Training uses the 128 calibration windows of ``calib/wiki.txt`` (the last eighth held out for early
 stopping); nothing is tuned on the test texts. Each row is evaluated on the full WikiText-2 test text
@@ -44,11 +46,12 @@ from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
 from automp.repair import E2EConfig, ReconstructConfig, RepairConfig, repair_  # noqa: E402
 from automp.repair.selfgen import cached_windows  # noqa: E402
+from automp.repair.seq_finetune import SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner  # noqa: E402
 from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import CalibInfo  # noqa: E402
 from common import CALIB, Bench, RowCache, markdown_table, report  # noqa: E402
 
-ROWS = "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen"
+ROWS = "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen,seq-finetune"
 CONFIGS = {  # row -> (methods, schedule, train data)
     "block-ap": (("block-ap",), "uniform", "calib"),
     "sign-round": (("sign-round",), "uniform", "calib"),
@@ -98,6 +101,12 @@ def main() -> None:
             qweights = dict(gptq)  # repair replaces entries, never the stored weights themselves
             if key == "gptq":
                 row = evaluate(key, model, {"seconds": 0.0})
+            elif key == "seq-finetune":
+                model = bench.reset()
+                tuner = downstream_tuner(model, reference, bench.calib, SeqFinetuneConfig(), SeqFinetuneRecord())
+                start = time.perf_counter()
+                quantize_(model, allocation, "gptq", bench.calib, progress=False, after_block=tuner)
+                row = evaluate(key, model, {"seconds": time.perf_counter() - start})
             else:
                 methods, schedule, data = CONFIGS[key]
                 if schedule != "uniform" and table is None:

@@ -13,6 +13,7 @@ from automp import Allocation, quantize_
 from automp.cli import app
 from automp.data import load_windows
 from automp.errors import AutompError
+from automp.evaluate import kl_to_reference
 from automp.formats import get_format
 from automp.model import inventory, load_model
 from automp.quantizers.qweight import QuantizedWeight
@@ -185,6 +186,11 @@ def test_cli_bad_repair_input_is_one_clear_error_and_no_output(trained_dir, tmp_
     )
     assert result.exit_code == 2 and "needs the sensitivity profile" in result.output
     assert not (tmp_path / "r").exists()
+    result = runner.invoke(
+        app, ["repair", "--run", str(tmp_path / "q"), "--method", "seq-finetune", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "trains while the model is quantized" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_quantize_repair_option_keeps_the_bytes_and_lowers_block_error(trained_dir, tmp_path):
@@ -200,3 +206,24 @@ def test_quantize_repair_option_keeps_the_bytes_and_lowers_block_error(trained_d
     assert repaired["bytes"] == plain["bytes"]
     assert repaired["repair"]["block_loss_end"] < repaired["repair"]["block_loss_start"]
     assert (tmp_path / "r" / "repair.json").is_file() and not (tmp_path / ".r.repair").exists()
+
+
+def test_seq_finetune_trains_downstream_blocks_while_quantizing(gptq_w2):
+    from automp.repair.seq_finetune import SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner
+
+    _, reference, gptq, calib = gptq_w2
+    model = copy.deepcopy(reference)
+    record = SeqFinetuneRecord()
+    tuner = downstream_tuner(model, reference, calib, SeqFinetuneConfig(steps=6, batch_size=2), record)
+    tuned = quantize_(model, Allocation.uniform(inventory(model), "w2g64"), "gptq", calib, progress=False,
+                      after_block=tuner)  # fmt: skip
+    assert [b["block"] for b in record.blocks] == [0]  # the last block has nothing downstream
+    kl = [sum(kl_to_reference(m, reference, calib)) for m in (gptq_w2[0], model)]
+    assert kl[1] < 0.97 * kl[0]  # closer to the full-precision model than plain GPTQ
+    first = "model.layers.0.self_attn.q_proj"  # quantized before any training: the same as plain GPTQ
+    assert torch.equal(tuned[first].dequantize(), gptq[first].dequantize())
+    later = "model.layers.1.mlp.down_proj"  # trained, then quantized: other codes, the same format and bytes
+    assert not torch.equal(tuned[later].dequantize(), gptq[later].dequantize())
+    assert tuned[later].stored_bytes() == gptq[later].stored_bytes()
+    with pytest.raises(AutompError, match="block-by-block"):
+        quantize_(model, Allocation.uniform(inventory(model), "w2g64"), "rtn", after_block=tuner)

@@ -72,7 +72,9 @@ E2EEpochsOpt = Annotated[float | None, typer.Option("--e2e-epochs", help="e2e-qp
 E2ELossOpt = Annotated[str | None, typer.Option("--e2e-loss", help="e2e-qp: kl (to the FP model) or lm.")]
 RepairOpt = Annotated[
     str | None,
-    typer.Option("--repair", help="Train after quantizing: block-ap or sign-round, then optionally e2e-qp."),
+    typer.Option(
+        "--repair", help="Train: seq-finetune (while quantizing), block-ap or sign-round, e2e-qp; comma-separated."
+    ),
 ]
 EpisodesOpt = Annotated[int | None, typer.Option(help="reinforce / ppo: training episodes.")]
 TargetBitsOpt = Annotated[

@@ -45,7 +45,9 @@ from automp.model import (
 from automp.quantize import GPTQConfig, quantize_
 from automp.quantizers.qweight import QWeight
 from automp.repair import E2EConfig, ReconstructConfig, RepairConfig, RepairReport, repair_
+from automp.repair.methods import DURING_QUANTIZATION
 from automp.repair.selfgen import cached_windows
+from automp.repair.seq_finetune import SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner
 from automp.search.problem import Problem
 from automp.sensitivity.table import SensitivityTable
 from automp.settings import (
@@ -156,16 +158,22 @@ def quantize_model(
             calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
         windows = load_windows(settings.eval, tokenizer, seqlen) if settings.eval else None
     reference = copy.deepcopy(model) if settings.repair else None  # the full-precision model repair trains towards
+    tuned = SeqFinetuneRecord() if settings.repair and DURING_QUANTIZATION in settings.repair else None
+    after_block = None
+    if tuned is not None:  # the blocks downstream train as each block is quantized
+        after_block = downstream_tuner(model, reference, calib, SeqFinetuneConfig(seed=settings.seed), tuned)
     with clock.stage("quantize"):
         gptq = GPTQConfig.of(settings)
         qweights = quantize_(
-            model, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=progress
-        )
+            model, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=progress,
+            after_block=after_block,
+        )  # fmt: skip
     repaired = None
     if settings.repair:
         with clock.stage("repair"):
             state = Path(settings.out).parent / f".{Path(settings.out).name}.repair"  # _remove_repair_state's
             repaired = repair_model(settings, model, reference, qweights, calib, allocation, table, state, progress)
+            repaired.seq_finetune = None if tuned is None else asdict(tuned)
         del reference
     metrics = {
         "scheme": scheme,
@@ -282,6 +290,11 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
         settings = RepairSettings(**{**defaults, **given})
         if settings.model is None:
             raise AutompError(f"{settings.run} does not say which model it was made from: give --model")
+        if DURING_QUANTIZATION in settings.repair:
+            raise AutompError(
+                f"{DURING_QUANTIZATION} trains while the model is quantized, not after: "
+                f"use automp quantize (or run) --repair {DURING_QUANTIZATION}"
+            )
         if settings.train_data == "calib" and settings.calib is None:
             raise AutompError(f"{settings.run} does not say its calibration text: give --calib")
         table_file = settings.profile or (Path(settings.run) / TABLE_FILE)

@@ -17,6 +17,7 @@ AWQ collects the scaled layers' Hessians for it; RTN, having no data, uses the d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +70,19 @@ def quantize_(
     awq: AWQConfig | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    after_block: Callable[[int], object] | None = None,
 ) -> dict[str, QWeight]:
     """Quantize every layer whose allocated format is quantized; returns the stored weights by name.
 
     The model's weights are replaced by their dequantized values and every other float32 tensor is
     rounded to fp16, so the model in memory computes exactly what the stored checkpoint computes.
+    ``after_block(i)`` (GPTQ and AWQ) runs once block ``i`` is quantized, before block ``i + 1`` is
+    calibrated: sequential fine-tuning (``repair/seq_finetune.py``) trains the blocks downstream there.
     """
     gptq, awq = gptq or GPTQConfig(), awq or AWQConfig()
-    out = _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress)
+    if after_block is not None and method == "rtn":
+        raise AutompError("fine-tuning between blocks needs a block-by-block method: --method gptq or awq")
+    out = _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress, after_block)
     round_to_storage(model, skip=set(out))
     return out
 
@@ -88,7 +94,9 @@ def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
             param.data.copy_(param.data.half().float())
 
 
-def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress) -> dict[str, QWeight]:
+def _quantize_layers(
+    model, allocation, method, calib, gptq, awq, batch_size, progress, after_block
+) -> dict[str, QWeight]:
     if method not in METHODS:
         raise AutompError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     inv = inventory_for(model, allocation.formats)
@@ -133,6 +141,8 @@ def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, pr
             quantize_layer(name, hessians[name])
         outputs = run_block(block, inputs)
         inputs = propagate(inputs, list(outputs))
+        if after_block is not None:  # block i's outputs are fixed now; the blocks after it may still change
+            after_block(index)
     for name in [name for name in todo if block_of[name] == len(blocks)]:  # lm_head, after the final norm
         if method == "awq":
             quantize_layer(name, None)

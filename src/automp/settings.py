@@ -64,7 +64,7 @@ class EvalSettings(ModelSettings):
 class RepairOptions(BaseModel):
     """Training repair after quantization (``repair/``): ``--repair`` on quantize and run, ``automp repair``."""
 
-    repair: str | None = None  # block-ap or sign-round, then optionally e2e-qp: "block-ap,e2e-qp"
+    repair: str | None = None  # seq-finetune (while quantizing), block-ap or sign-round, e2e-qp: "block-ap,e2e-qp"
     schedule: Literal["uniform", "sgra", "joint"] = "uniform"  # sgra/joint need the sensitivity table
     equal_steps: bool = False  # sgra/joint rescaled to uniform's total steps
     train_data: Literal["calib", "self-generated"] = "calib"  # self-generated: sampled from the FP model
@@ -241,7 +241,7 @@ class RepairSettings(ModelSettings, RepairOptions):
     run: Path
     out: Path
     model: str | None = None  # the full-precision model; default: the one the run was made from
-    repair: str | None = "block-ap"
+    repair: str | None = "sign-round"  # Block-AP overfits the calibration text more (README, training repair)
     calib: str | None = None  # default: the run's calibration text (and its nsamples, seqlen, seed)
     nsamples: int | None = None
     eval: str | None = None

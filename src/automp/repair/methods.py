@@ -1,7 +1,9 @@
 """``repair_(model, qweights, reference, windows, config)``: training repairs of a quantized model, in order.
 
 ``config.methods`` names them (:func:`parse_methods`): at most one block method, ``block-ap`` or
-``sign-round`` (``reconstruct.py``), then optionally ``e2e-qp`` (``e2e.py``). Every one starts from
+``sign-round`` (``reconstruct.py``), then optionally ``e2e-qp`` (``e2e.py``). ``seq-finetune``
+(``seq_finetune.py``) happens *during* quantization instead: ``quantize_``'s ``after_block`` runs it,
+and ``repair_`` leaves it to that. Every one starts from
 the quantized model as stored and ends in the same formats and bytes, so exports keep working.
 ``config.schedule`` shares training out over the blocks (``schedules.py``); ``sgra`` and ``joint``
 need the sensitivity table and the allocation.
@@ -23,10 +25,12 @@ from automp.quantizers.qweight import QWeight
 from automp.repair.e2e import E2EConfig, E2ERecord, e2e_scales_
 from automp.repair.reconstruct import BlockRecord, ReconstructConfig, reconstruct_
 from automp.repair.schedules import SCHEDULES, BlockBudget, block_budget, block_sensitivity, equal_total
+from automp.repair.seq_finetune import SeqFinetuneConfig
 from automp.sensitivity.table import SensitivityTable
 
 BLOCK_METHODS = ("block-ap", "sign-round")
-METHODS = (*BLOCK_METHODS, "e2e-qp")
+DURING_QUANTIZATION = "seq-finetune"
+METHODS = (DURING_QUANTIZATION, *BLOCK_METHODS, "e2e-qp")  # in the order they run
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
@@ -37,7 +41,7 @@ def parse_methods(spec: str) -> tuple[str, ...]:
         raise AutompError(f"unknown repair method {', '.join(unknown) or repr(spec)}: use one of {', '.join(METHODS)}")
     if len(set(methods)) != len(methods) or sum(m in BLOCK_METHODS for m in methods) > 1:
         raise AutompError(f"--repair {spec}: each method once, and one of {' or '.join(BLOCK_METHODS)} at most")
-    return tuple(sorted(methods, key=METHODS.index))  # block reconstruction first, then the scales end to end
+    return tuple(sorted(methods, key=METHODS.index))
 
 
 @dataclass
@@ -49,6 +53,7 @@ class RepairConfig:
     patience: int = 2  # uniform's early-stopping patience, in validations
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
+    seq: SeqFinetuneConfig = field(default_factory=SeqFinetuneConfig)
 
     def __post_init__(self) -> None:
         self.methods = parse_methods(",".join(self.methods))
@@ -68,6 +73,7 @@ class RepairReport:
     budgets: list[dict] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
     e2e: dict | None = None
+    seq_finetune: dict | None = None  # filled by whoever ran quantize_ with downstream_tuner
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -78,6 +84,8 @@ class RepairReport:
             out["steps"] = sum(b["steps"] for b in self.blocks)
         if self.e2e:
             out |= {"e2e_loss_start": self.e2e["loss_start"], "e2e_loss_end": self.e2e["loss_end"]}
+        if self.seq_finetune:
+            out["seq_finetune_seconds"] = self.seq_finetune["seconds"]
         return out
 
 

@@ -42,7 +42,7 @@ from automp.io import write_file_atomic
 from automp.model import decoder_blocks, inventory, set_linear_weight
 from automp.quantizers.qweight import QWeight, load_qweight
 from automp.repair.schedules import BlockBudget, cosine_lr
-from automp.repair.trainable import TrainableWeight, trainable_kind
+from automp.repair.trainable import TrainableWeight, why_untrainable
 
 METHODS = ("block-ap", "sign-round")
 
@@ -123,6 +123,7 @@ def reconstruct_(
     if batches < 2:
         raise AutompError(f"block reconstruction needs at least {2 * config.batch_size} calibration windows")
     block_of = {layer.name: layer.block for layer in inventory(model).layers}
+    model.requires_grad_(False)  # only the trainable weights get gradients, never the model's own parameters
     inputs = capture_block_inputs(model, blocks[0], calib, config.batch_size)
     fp_inputs = capture_block_inputs(fp_model, fp_blocks[0], calib, config.batch_size)
     records = []
@@ -159,7 +160,7 @@ def _train_block(
 ) -> BlockRecord:
     start = time.perf_counter()
     relative = {module: name for name, module in block.named_modules()}
-    skipped = [name for name in names if trainable_kind(qweights[name], config.method)]
+    skipped = [name for name in names if why_untrainable(qweights[name], config.method)]
     layer_of = {relative[model.get_submodule(name)] + ".weight": name for name in names if name not in skipped}
     trainables = {
         key: TrainableWeight(qweights[name], config.method, fp_weights[name]) for key, name in layer_of.items()

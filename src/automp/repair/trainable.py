@@ -30,7 +30,7 @@ from automp.quantizers.qweight import CorrectedWeight, QuantizedWeight, QWeight
 PARAMETRISATIONS = ("block-ap", "sign-round")
 
 
-def trainable_kind(qweight: QWeight, parametrisation: str) -> str | None:
+def why_untrainable(qweight: QWeight, parametrisation: str) -> str | None:
     """Why ``qweight`` cannot be trained under ``parametrisation`` (None when it can)."""
     fmt = qweight.fmt.base
     if fmt.kind == "gguf":
@@ -56,7 +56,7 @@ class TrainableWeight(nn.Module):
         super().__init__()
         if parametrisation not in PARAMETRISATIONS:
             raise AutompError(f"unknown parametrisation {parametrisation!r}: use one of {', '.join(PARAMETRISATIONS)}")
-        if (why := trainable_kind(qweight, parametrisation)) is not None:
+        if (why := why_untrainable(qweight, parametrisation)) is not None:
             raise AutompError(why)
         base = qweight.base if isinstance(qweight, CorrectedWeight) else qweight
         self.fmt: Format = qweight.fmt
