@@ -25,7 +25,6 @@ from automp.quantizers.qweight import QWeight
 from automp.repair.e2e import E2EConfig, E2ERecord, e2e_scales_
 from automp.repair.reconstruct import BlockRecord, ReconstructConfig, reconstruct_
 from automp.repair.schedules import SCHEDULES, BlockBudget, block_budget, block_sensitivity, equal_total
-from automp.repair.seq_finetune import SeqFinetuneConfig
 from automp.sensitivity.table import SensitivityTable
 
 BLOCK_METHODS = ("block-ap", "sign-round")
@@ -53,7 +52,6 @@ class RepairConfig:
     patience: int = 2  # uniform's early-stopping patience, in validations
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
-    seq: SeqFinetuneConfig = field(default_factory=SeqFinetuneConfig)
 
     def __post_init__(self) -> None:
         self.methods = parse_methods(",".join(self.methods))
