@@ -61,12 +61,11 @@ from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import PROXIES, CalibInfo  # noqa: E402
 from automp.sensitivity.windows import WindowCosts  # noqa: E402
 from automp.settings import RunSettings  # noqa: E402
-from common import CALIB, Bench, RowCache, Timer, markdown_table, report  # noqa: E402
+from common import CALIB, IN_DOMAIN, Bench, RowCache, Timer, markdown_table, report, score_both  # noqa: E402
 
 FORMATS = "w2,w2g64,w2g32,w3g128,w3g64,w3g32,w4g128,w4g64,w8,fp16"
 TARGETS = {2.25: "w2g64", 2.5: "w2g32", 3.125: "w3g128", 3.5: "w3g32", 4.125: "w4g128"}
 HELD_OUT = "corpus/wikipedia/enwiki2015_AD_wiki_93.txt"  # a shard bench-a never saw in training
-IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # another unseen one: in-domain test text
 HIDDEN = ("nll", "indomain_nll", "window_kl", "indomain_window_kl", "curve")  # per-window lists
 KL_WINDOWS = 8  # the first held-out windows measure the profile's KL proxy, the next ones the solvers
 RL_TARGET, RL_FORMATS = 4.125, ["w3g128", "w4g128", "w8"]
@@ -133,12 +132,7 @@ def main() -> None:
         if full and not wanted <= set(row):
             model = bench.reset()
             quantize_(model, Allocation.load(path), "gptq", bench.calib, progress=False)
-            result = perplexity(model, bench.eval_windows, progress=False)
-            row |= {"ppl": result.ppl, "delta_ppl_pct": 100 * (result.ppl / bench.baseline.ppl - 1)}
-            row["nll"] = result.window_nll
-            result = perplexity(model, indomain, progress=False)
-            row |= {"indomain_ppl": result.ppl, "indomain_delta_pct": 100 * (result.ppl / indomain_fp.ppl - 1)}
-            row["indomain_nll"] = result.window_nll
+            row |= score_both(model, bench, indomain, indomain_fp)
             if args.kl:  # the distance to FP16, which no text can flatter by chance
                 row["window_kl"] = kl_to_reference(model, fp_model, bench.eval_windows)
                 row["indomain_window_kl"] = kl_to_reference(model, fp_model, indomain)

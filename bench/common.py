@@ -15,6 +15,7 @@ from automp.model import load_model, max_positions
 from automp.quantize import round_to_storage
 
 WIKITEXT = "wikitext-2-raw-v1/test.joined.txt"
+IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # a Wikipedia shard bench-a never saw: in-domain text
 CALIB = "calib/wiki.txt"
 
 
@@ -55,6 +56,20 @@ class Bench:
             "delta_nll": delta,
             "delta_nll_se": se,
         }
+
+
+def score_both(model: torch.nn.Module, bench: Bench, indomain: torch.Tensor, indomain_fp: Perplexity) -> dict:
+    """WikiText-2 and in-domain perplexity of ``model``: PPL, ΔPPL % against FP16 and the per-window NLLs."""
+    wiki = perplexity(model, bench.eval_windows, progress=False)
+    local = perplexity(model, indomain, progress=False)
+    return {
+        "ppl": wiki.ppl,
+        "delta_ppl_pct": 100 * (wiki.ppl / bench.baseline.ppl - 1),
+        "nll": wiki.window_nll,
+        "indomain_ppl": local.ppl,
+        "indomain_delta_pct": 100 * (local.ppl / indomain_fp.ppl - 1),
+        "indomain_nll": local.window_nll,
+    }
 
 
 class RowCache:

@@ -48,13 +48,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import markdown_table, report  # noqa: E402
+from common import IN_DOMAIN, WIKITEXT, markdown_table, report  # noqa: E402
 
 RECIPES = "Q2_K,Q3_K_S,Q3_K_M,Q4_K_S"
 GGUF_FORMATS = "q2_k,q3_k,q4_k,q5_k,q6_k,q8_0,fp16"
 CALIB = "calib/wiki.txt"
-WIKITEXT = "wikitext-2-raw-v1/test.joined.txt"
-IN_DOMAIN = "corpus/wikipedia/enwiki2015_AD_wiki_85.txt"  # a shard bench-a never saw
 DENSE_TYPES = ["--token-embedding-type", "F16", "--output-tensor-type", "F16"]
 OUTER_TENSORS = ("token_embd.weight", "output.weight")  # allocated with --embeddings
 CONVERT = """

@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from allocation import FORMATS, HELD_OUT, IN_DOMAIN, KL_WINDOWS  # noqa: E402
+from allocation import FORMATS, HELD_OUT, KL_WINDOWS  # noqa: E402
 from automp.allocation import Allocation  # noqa: E402
 from automp.data import load_windows  # noqa: E402
 from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
@@ -55,7 +55,7 @@ from automp.search.registry import get_solver  # noqa: E402
 from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import PROXIES, CalibInfo  # noqa: E402
 from automp.settings import RunSettings  # noqa: E402
-from common import CALIB, Bench, RowCache, Timer, markdown_table, report  # noqa: E402
+from common import CALIB, IN_DOMAIN, Bench, RowCache, Timer, markdown_table, report, score_both  # noqa: E402
 
 SCHEMES = "w2g64,w3g128"
 METHODS = "svd,diag,exact"
@@ -104,12 +104,7 @@ def main() -> None:
         with Timer() as timer:
             quantize_(model, allocation, "gptq", bench.calib, gptq=GPTQConfig(correction=correction), progress=False)
         row = {"key": key, **extra, **_bits(allocation, inv), "seconds": timer.seconds}
-        result = perplexity(model, bench.eval_windows, progress=False)
-        row |= {"ppl": result.ppl, "delta_ppl_pct": 100 * (result.ppl / bench.baseline.ppl - 1)}
-        row["nll"] = result.window_nll
-        result = perplexity(model, indomain, progress=False)
-        row |= {"indomain_ppl": result.ppl, "indomain_delta_pct": 100 * (result.ppl / indomain_fp.ppl - 1)}
-        row["indomain_nll"] = result.window_nll
+        row |= score_both(model, bench, indomain, indomain_fp)
         row["formats"] = dict(allocation.formats)
         bench.reset()
         print({k: v for k, v in row.items() if k not in ("nll", "indomain_nll", "formats")}, file=sys.stderr)

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from allocation import FORMATS, IN_DOMAIN  # noqa: E402
+from allocation import FORMATS  # noqa: E402
 from automp.allocation import Allocation  # noqa: E402
 from automp.data import load_windows  # noqa: E402
 from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
@@ -49,7 +49,7 @@ from automp.repair.selfgen import cached_windows  # noqa: E402
 from automp.repair.seq_finetune import SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner  # noqa: E402
 from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import CalibInfo  # noqa: E402
-from common import CALIB, Bench, RowCache, markdown_table, report  # noqa: E402
+from common import CALIB, IN_DOMAIN, Bench, RowCache, markdown_table, report, score_both  # noqa: E402
 
 ROWS = "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen,seq-finetune"
 CONFIGS = {  # row -> (methods, schedule, train data)
@@ -80,6 +80,7 @@ def main() -> None:
     reference = copy.deepcopy(bench.model).eval()
     seqlen = bench.eval_windows.shape[1]
     indomain = load_windows(str(Path(args.data) / IN_DOMAIN), bench.tokenizer, seqlen)[: args.indomain_windows]
+    indomain_fp = perplexity(bench.model, indomain, progress=False)
     inv = inventory(bench.model)
     allocation = Allocation.uniform(inv, args.scheme)
     model = bench.reset()
@@ -89,9 +90,7 @@ def main() -> None:
 
     def evaluate(key: str, repaired: torch.nn.Module, extra: dict) -> dict:
         row = {"key": key, "label": key, "avg_bits": allocation.avg_bits(inv), **extra}
-        wiki = perplexity(repaired, bench.eval_windows, progress=False)
-        local = perplexity(repaired, indomain, progress=False)
-        row |= {"ppl": wiki.ppl, "nll": wiki.window_nll, "indomain_ppl": local.ppl, "indomain_nll": local.window_nll}
+        row |= score_both(repaired, bench, indomain, indomain_fp)
         return cache.put(key, row)
 
     rows = []

@@ -69,27 +69,41 @@ def save_quantized(
     save_file(_dense_tensors(model, set(qweights)), out_dir / DENSE_TENSORS)
 
 
-def load_quantized(path: Path, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    allocation = Allocation.load(path / QUANT_FILE)
+def read_qweights(path: Path, allocation: Allocation) -> dict[str, QWeight]:
+    """Every quantized layer's stored weight (codes, scales, zero-points, corrections), exactly as saved."""
+    file = Path(path) / QUANT_TENSORS
     try:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-        dense = load_file(path / DENSE_TENSORS)
-        packed = load_file(path / QUANT_TENSORS)
-        with safe_open(path / QUANT_TENSORS, "pt") as handle:
+        packed = load_file(file)
+        with safe_open(file, "pt") as handle:
             shapes = {name: tuple(json.loads(shape)) for name, shape in (handle.metadata() or {}).items()}
     except Exception as err:
         raise AutompError(f"corrupt automp checkpoint in {path}: {err}") from err
-    tied = _tied_names(model)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in dense.items()}, strict=False)
+    out = {}
     for name, fmt in allocation.formats.items():
         if fmt in ("fp16", "bf16"):
             continue
         tensors = {k.removeprefix(name + "."): v for k, v in packed.items() if k.startswith(name + ".")}
         if not tensors or name not in shapes:
             raise AutompError(f"corrupt automp checkpoint in {path}: no packed tensors for {name}")
-        set_linear_weight(model.get_submodule(name), load_qweight(fmt, shapes[name], tensors).dequantize())
+        out[name] = load_qweight(fmt, shapes[name], tensors)
+    return out
+
+
+def load_quantized(path: Path, dtype: torch.dtype, qweights: dict[str, QWeight] | None = None) -> nn.Module:
+    """The checkpoint as a dequantized model; ``qweights``: its stored weights when the caller already read them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    allocation = Allocation.load(path / QUANT_FILE)
+    try:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        dense = load_file(path / DENSE_TENSORS)
+    except Exception as err:
+        raise AutompError(f"corrupt automp checkpoint in {path}: {err}") from err
+    qweights = read_qweights(path, allocation) if qweights is None else qweights
+    tied = _tied_names(model)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in dense.items()}, strict=False)
+    for name, qweight in qweights.items():
+        set_linear_weight(model.get_submodule(name), qweight.dequantize())
         missing = [m for m in missing if m != name + ".weight"]
     if unexpected or set(missing) - tied:
         raise AutompError(f"corrupt automp checkpoint in {path}: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -26,6 +26,7 @@ from automp.checkpoint import model_bytes, save_quantized
 from automp.data import load_windows
 from automp.errors import AutompError
 from automp.evaluate import perplexity
+from automp.execution.blocks import model_device
 from automp.export import REPORT_FILE, RunDir, export_run
 from automp.export.run_dir import SETTINGS_FILE
 from automp.formats import get_format
@@ -228,11 +229,11 @@ def repair_model(
     config = RepairConfig(
         tuple(settings.repair.split(",")), settings.schedule, settings.equal_steps, proxy, 2, blocks, e2e
     )
+    _check_repair_state(state_dir, {"settings": settings.model_dump(mode="json", exclude={"eval", "out"})})
     windows = calib
     if settings.train_data == "self-generated":
         n, seqlen = (len(calib), calib.shape[1]) if calib is not None else (settings.nsamples, settings.seqlen)
         windows = cached_windows(reference, state_dir / "data", n, seqlen, settings.seed, progress=progress)
-    _check_repair_state(state_dir, {"settings": settings.model_dump(mode="json", exclude={"eval", "out"})})
     return repair_(
         model, qweights, reference, windows, config, table=table, allocation=allocation, state_dir=state_dir,
         progress=progress,
@@ -304,9 +305,11 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
         if settings.schedule != "uniform" and table is None:
             raise AutompError(f"--schedule {settings.schedule} needs the sensitivity profile: {settings.run} has none; "
                               "give --profile FILE, or --schedule uniform")  # fmt: skip
-        reference, tokenizer = _load(settings.model_copy(update={"model": settings.model}))
-        model = load_quantized(Path(settings.run), next(reference.parameters()).dtype).to(_device_of(reference))
-        qweights = {name: q.to(_device_of(reference)) for name, q in run_dir.quantized_weights().items()}
+        reference, tokenizer = _load(settings)
+        device = model_device(reference)
+        stored = run_dir.quantized_weights()  # read once: the model is rebuilt from them
+        model = load_quantized(Path(settings.run), next(reference.parameters()).dtype, stored).to(device)
+        qweights = {name: q.to(device) for name, q in stored.items()}
         seqlen = window_length(reference, settings.seqlen)
         nsamples = settings.nsamples or 128
         calib = None
@@ -337,10 +340,6 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
             shutil.copyfile(Path(settings.run) / SETTINGS_FILE, staging / SETTINGS_FILE)
     _remove_repair_state(settings.out)
     return metrics
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def profile(settings: ProfileSettings, progress: bool = True) -> dict:

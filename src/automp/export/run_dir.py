@@ -13,15 +13,14 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from automp.allocation import Allocation
-from automp.checkpoint import DENSE_TENSORS, QUANT_FILE, QUANT_TENSORS
+from automp.checkpoint import DENSE_TENSORS, QUANT_FILE, read_qweights
 from automp.errors import AutompError
 from automp.model import EMBED_ROLE, Inventory, inventory_for
-from automp.quantizers.qweight import QWeight, load_qweight
+from automp.quantizers.qweight import QWeight
 
 SETTINGS_FILE = "automp_config.json"  # the settings the run was made with (written by the pipeline)
 
@@ -63,22 +62,7 @@ class RunDir:
 
     def quantized_weights(self) -> dict[str, QWeight]:
         """Every quantized layer's codes, scales and zero-points, exactly as stored."""
-        file = self.path / QUANT_TENSORS
-        try:
-            packed = load_file(file)
-            with safe_open(file, "pt") as handle:
-                shapes = {name: tuple(json.loads(shape)) for name, shape in (handle.metadata() or {}).items()}
-        except Exception as err:
-            raise AutompError(f"corrupt automp checkpoint in {self.path}: {err}") from err
-        out = {}
-        for name, fmt in self.allocation.formats.items():
-            if fmt in ("fp16", "bf16"):
-                continue
-            tensors = {k.removeprefix(name + "."): v for k, v in packed.items() if k.startswith(name + ".")}
-            if not tensors or name not in shapes:
-                raise AutompError(f"corrupt automp checkpoint in {self.path}: no packed tensors for {name}")
-            out[name] = load_qweight(fmt, shapes[name], tensors)
-        return out
+        return read_qweights(self.path, self.allocation)
 
     def dense_tensors(self) -> dict[str, torch.Tensor]:
         """Every other tensor (embeddings, norms, unquantized layers) in its stored 16-bit dtype."""
