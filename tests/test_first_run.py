@@ -23,6 +23,8 @@ from automp.settings import (
     QuantizeSettings,
     RunSettings,
     SearchSettings,
+    SwitchableSettings,
+    SwitchableTrainSettings,
 )
 
 runner = CliRunner()
@@ -34,6 +36,10 @@ SETTINGS = {
     "search": SearchSettings,
     "run": RunSettings,
     "export": ExportSettings,
+    "switchable train": SwitchableTrainSettings,
+    "switchable eval": SwitchableSettings,
+    "switchable greedy": SwitchableSettings,
+    "switchable export": SwitchableSettings,
 }
 
 
@@ -52,10 +58,12 @@ def _shown(option, default) -> str:
 @pytest.mark.parametrize("command", sorted(SETTINGS))
 def test_help_shows_every_settings_default(command):
     settings = SETTINGS[command]
-    click_command = typer.main.get_command(app).commands[command]
+    click_command = typer.main.get_command(app)
+    for part in command.split():  # "switchable train": a command of a command group
+        click_command = click_command.commands[part]
     options = {p.name: p for p in click_command.params if p.name != "help"}
     assert set(options) - {"config", "json_out"} <= set(settings.model_fields)  # every option is a setting
-    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
     assert result.exit_code == 0, result.output
     help_text = " ".join(result.output.split())
     for name, option in options.items():

@@ -63,10 +63,16 @@ def save_quantized(
     model.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     allocation.save(out_dir / QUANT_FILE)
+    write_qweights(out_dir, qweights)
+    save_file(_dense_tensors(model, set(qweights)), out_dir / DENSE_TENSORS)
+
+
+def write_qweights(out_dir: Path, qweights: dict[str, QWeight]) -> None:
+    """``out_dir/quantized.safetensors``: every layer's packed tensors, its shape in the header."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     packed = {f"{name}.{key}": t for name, q in qweights.items() for key, t in q.state_dict().items()}
     shapes = {name: json.dumps(q.shape) for name, q in qweights.items()}  # header metadata, not payload
-    save_file(packed, out_dir / QUANT_TENSORS, metadata=shapes or None)  # an empty header map is unreadable
-    save_file(_dense_tensors(model, set(qweights)), out_dir / DENSE_TENSORS)
+    save_file(packed, Path(out_dir) / QUANT_TENSORS, metadata=shapes or None)  # an empty header map is unreadable
 
 
 def read_qweights(path: Path, allocation: Allocation) -> dict[str, QWeight]:

@@ -31,6 +31,8 @@ from automp.settings import (
     RepairSettings,
     RunSettings,
     SearchSettings,
+    SwitchableSettings,
+    SwitchableTrainSettings,
     load_settings,
 )
 
@@ -357,6 +359,9 @@ def search(
     eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Evaluation windows.")] = None,
     seqlen: Annotated[int | None, typer.Option("--seqlen", help="Window length (default: the profile's).")] = None,
     method: Annotated[str | None, typer.Option(help="Evaluator's quantizer: rtn or gptq.")] = None,
+    switchable: Annotated[
+        Path | None, typer.Option(help="Measure on this switchable model (automp switchable train): no quantizing.")
+    ] = None,
     calib: Annotated[str | None, typer.Option(help="GPTQ calibration text (default: the profile's).")] = None,
     nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows.")] = None,
     metric: Annotated[str | None, typer.Option(help="Real loss: ppl or kl (to full precision).")] = None,
@@ -599,6 +604,137 @@ def demo(
         f"its compressed-tensors export (from_pretrained loads it): {result['export']}",
     ]
     _emit(result, json_out, table + "\n\n" + "\n".join(where))
+
+
+switchable_app = typer.Typer(
+    no_args_is_help=True, help="Switchable precision: one model whose layers switch format, an adapter per format."
+)
+app.add_typer(switchable_app, name="switchable")
+DirOpt = Annotated[Path | None, typer.Option("--dir", help="A switchable model directory (automp switchable train).")]
+BitmapOpt = Annotated[
+    str | None, typer.Option("--bitmap", help="A format name for every layer, or an allocation / bitmap JSON file.")
+]
+
+
+@switchable_app.command("train")
+@_command
+@_defaults_from(SwitchableTrainSettings)
+def switchable_train(
+    ctx: typer.Context,
+    model: ModelOpt = None,
+    formats: Annotated[str | None, typer.Option(help="Formats every layer can switch to, comma-separated.")] = None,
+    style: Annotated[
+        str | None, typer.Option(help="spnet (sandwich + random mixes), cyclic (low to high) or instantnet (cascade).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (the switchable model).")] = None,
+    method: Annotated[str | None, typer.Option(help="rtn or gptq: how each format's codes are made.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank of every (layer, format) adapter.")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="eora (start at the activation-aware correction) or zero (PEFT's B = 0).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (cosine decay).")] = None,
+    loss: Annotated[str | None, typer.Option(help="spnet/cyclic: kl (to the full-precision model) or ce.")] = None,
+    mixes: Annotated[int | None, typer.Option(help="spnet: random per-layer bitmaps per step.")] = None,
+    train_data: TrainDataOpt = None,
+    calib: CalibOpt = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: SeqlenOpt = None,
+    damp: DampOpt = None,
+    act_order: ActOrderOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the windows, batches and random bitmaps.")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Windows per training pass.")] = None,
+    trust_remote_code: RemoteOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build the switchable model (every format's codes) and train its adapters."""
+    flags = _flags(ctx, locals())
+    from automp.switchable.commands import train
+
+    result = train(load_settings(SwitchableTrainSettings, config, flags))
+    kl = ", ".join(f"{fmt} KL {a:.4g} -> {b:.4g}" for fmt, (a, b) in result["heldout_kl"].items())
+    _emit(result, json_out, f"switchable model written to {result['out']} ({kl})")
+
+
+@switchable_app.command("eval")
+@_command
+@_defaults_from(SwitchableSettings)
+def switchable_eval(
+    ctx: typer.Context,
+    dir: DirOpt = None,
+    bitmap: BitmapOpt = None,
+    ppl: Annotated[str | None, typer.Option(help="Perplexity text: .txt, .jsonl, wikitext2 or c4.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Zero-shot tasks, comma-separated.")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option(help="Task data directory (default ./data/eval).")] = None,
+    limit: Annotated[int | None, typer.Option(help="The first N items of each task.")] = None,
+    seqlen: SeqlenOpt = None,
+    batch_size: BatchOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate the switchable model at one bitmap: perplexity, tasks, delivered bits and bytes."""
+    flags = _flags(ctx, locals())
+    from automp.switchable.commands import evaluate
+
+    result = evaluate(load_settings(SwitchableSettings, config, flags))
+    human = f"{result['bitmap']}: {result['avg_bits']:.4f} bits/weight, {result['bytes'] / 1e6:.3f} MB"
+    _emit(result, json_out, human + (f", ppl {result['ppl']:.3f}" if "ppl" in result else ""))
+
+
+@switchable_app.command("greedy")
+@_command
+@_defaults_from(SwitchableSettings)
+def switchable_greedy(
+    ctx: typer.Context,
+    dir: DirOpt = None,
+    max_drop: Annotated[
+        float | None, typer.Option("--max-drop", help="Perplexity increase allowed, percent of FP16's.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="The bitmap file (an allocation).")] = None,
+    heldout: Annotated[
+        str | None, typer.Option(help="Held-out text (default: calibration text no training window touched).")
+    ] = None,
+    heldout_windows: Annotated[int | None, typer.Option(help="Held-out windows per measurement.")] = None,
+    seqlen: SeqlenOpt = None,
+    batch_size: BatchOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Lower layers from least to most sensitive while the measured perplexity stays within --max-drop."""
+    flags = _flags(ctx, locals())
+    from automp.switchable.commands import greedy
+
+    result = greedy(load_settings(SwitchableSettings, config, flags))
+    human = f"bitmap written to {result['out']}: {result['avg_bits']:.4f} bits/weight, ppl {result['ppl']:.3f} "
+    _emit(result, json_out, human + f"(FP16 {result['fp_ppl']:.3f}, limit {result['limit']:.3f})")
+
+
+@switchable_app.command("export")
+@_command
+@_defaults_from(SwitchableSettings)
+def switchable_export(
+    ctx: typer.Context,
+    dir: DirOpt = None,
+    bitmap: BitmapOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (an automp run directory).")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Deliver one bitmap as an automp run directory (codes + adapters as +rN corrections, exact bytes)."""
+    flags = _flags(ctx, locals())
+    from automp.switchable.commands import export
+
+    result = export(load_settings(SwitchableSettings, config, flags))
+    _emit(result, json_out, f"run directory written to {result['out']}: {result['avg_bits']:.4f} bits/weight")
 
 
 def main() -> None:

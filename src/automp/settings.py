@@ -173,6 +173,7 @@ class SearchSettings(BudgetSettings):
     eval_windows: int = 8
     seqlen: int | None = None  # default: the profile's
     method: Literal["rtn", "gptq"] = "rtn"  # how the evaluator quantizes each layer
+    switchable: Path | None = None  # evaluate on this trained switchable model instead (no quantization per candidate)
     calib: str | None = None  # GPTQ's calibration text; default: the profile's
     nsamples: int = 128
     metric: Literal["ppl", "kl"] = "ppl"
@@ -247,6 +248,48 @@ class RepairSettings(ModelSettings, RepairOptions):
     eval: str | None = None
     profile: Path | None = None  # sgra/joint's sensitivity table; default: the run's sensitivity.json
     proxy: str = "outgrad"
+
+
+class SwitchableTrainSettings(ModelSettings):
+    """``automp switchable train``: build the switchable model of ``model`` and train its adapters into ``out``."""
+
+    out: Path
+    formats: str = "w2g64,w3g128,w4g128"  # the formats every layer can switch to
+    method: Literal["rtn", "gptq"] = "gptq"
+    calib: str | None = None
+    nsamples: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    rank: int = 8  # every adapter's rank (counted in the delivered bits as +rN)
+    init: Literal["eora", "zero"] = "eora"  # adapters start at the activation-aware correction, or at B = 0
+    style: Literal["spnet", "cyclic", "instantnet"] = "spnet"
+    steps: int = 100
+    lr: float = 3e-4
+    loss: Literal["kl", "ce"] = "kl"
+    mixes: int = 2
+    train_data: Literal["calib", "self-generated"] = "calib"
+
+
+class SwitchableSettings(BaseModel):
+    """``automp switchable eval / greedy / export``: use a trained switchable model (``dir``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path
+    bitmap: str | None = None  # a format name or an allocation / bitmap JSON file (eval, export)
+    ppl: str | None = None  # eval: perplexity text
+    tasks: str | None = None
+    tasks_dir: Path | None = None
+    limit: int | None = None
+    max_drop: float | None = None  # greedy: the perplexity increase allowed, percent of FP16's
+    heldout: str | None = None  # greedy: held-out text; default: the calibration source under another seed
+    heldout_windows: int = 16
+    out: Path | None = None  # greedy: the bitmap file; export: the run directory
+    seqlen: int | None = None
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
 
 
 class ExportSettings(BaseModel):

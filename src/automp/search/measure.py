@@ -69,6 +69,8 @@ def build_evaluator(settings, problem: Problem, windows: torch.Tensor | None = N
                 raise AutompError(f"--eval {settings.eval} is the calibration text; evaluate on held-out text")
         if settings.eval_windows < 1:
             raise AutompError("--eval-windows must be at least 1")
+    if settings.switchable is not None:
+        return _switchable_evaluator(settings, problem, windows)
     model, tokenizer = load_model(settings.model or table.model)
     if windows is None:
         seqlen = settings.seqlen or table.calib.seqlen
@@ -79,6 +81,28 @@ def build_evaluator(settings, problem: Problem, windows: torch.Tensor | None = N
         calib = load_windows(calib_spec, tokenizer, windows.shape[1], nsamples, table.calib.seed)
     formats = problem.allowed or table.formats
     return AllocationEvaluator(model, windows, formats, calib=calib, method=settings.method, metric=settings.metric)
+
+
+def _switchable_evaluator(settings, problem: Problem, windows: torch.Tensor | None):
+    """The switchable model's evaluator. Every searchable format must be one the model was trained in, named
+    ``F+rR`` (R its adapters' rank) so that the budget counts the adapters it delivers."""
+    from automp.switchable.commands import open_switchable
+    from automp.switchable.evaluator import SwitchableEvaluator
+
+    sw, tokenizer = open_switchable(settings.switchable)
+    suffix = f"+r{sw.spec.rank}"
+    wrong = [f for f in problem.allowed or problem.table.formats if f != "fp16" and not f.endswith(suffix)]
+    if wrong:
+        raise AutompError(
+            f"--switchable {settings.switchable} delivers rank-{sw.spec.rank} adapters: search formats named "
+            f"F{suffix} (profile with --ranks {sw.spec.rank}, search with --formats), not {', '.join(wrong[:3])}"
+        )
+    for name in problem.allowed or problem.table.formats:
+        sw.resolve({layer: name for layer in sw.layers})  # one error for a format the model was not built with
+    if windows is None:
+        seqlen = settings.seqlen or problem.table.calib.seqlen
+        windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
+    return SwitchableEvaluator(sw, windows, metric=settings.metric)
 
 
 def check_and_refine(
