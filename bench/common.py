@@ -72,6 +72,21 @@ def score_both(model: torch.nn.Module, bench: Bench, indomain: torch.Tensor, ind
     }
 
 
+def mark_deltas(rows: list[dict], reference: dict) -> None:
+    """Each row's ΔNLL against ``reference`` on WikiText-2 and in-domain text (``score_both``'s per-window
+    NLLs), its paired SE, and ``*`` when beyond 2 SE (and 1e-6): ``wiki_delta``, ``wiki_se``, ``wiki_mark``,
+    ``indomain_*``."""
+    for row in rows:
+        for text, field in (("wiki", "nll"), ("indomain", "indomain_nll")):
+            delta, se = paired_delta(_windows(reference[field]), _windows(row[field]))
+            row[f"{text}_delta"], row[f"{text}_se"] = delta, se
+            row[f"{text}_mark"] = "*" if abs(delta) > max(2 * se, 1e-6) else ""  # float noise is not a difference
+
+
+def _windows(nll: list[float]) -> Perplexity:
+    return Perplexity(0.0, len(nll), 0, 0, nll)
+
+
 class RowCache:
     """One JSON file per finished row, so a killed benchmark resumes where it stopped."""
 

@@ -36,7 +36,7 @@ from automp.model import inventory  # noqa: E402
 from automp.pipeline import export  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
 from automp.settings import ExportSettings  # noqa: E402
-from automp.tasks import correct_per_item, load_task, score  # noqa: E402
+from automp.tasks import load_task, picks_per_item, score  # noqa: E402
 from automp.usage import peak_memory  # noqa: E402
 from common import Bench, markdown_table, report  # noqa: E402
 
@@ -48,7 +48,8 @@ def task_scores(model, tokenizer, tasks: dict[str, list]) -> tuple[dict[str, lis
     correct, tokens, seconds = {}, 0, 0.0
     for name, items in tasks.items():
         scores = score(model, tokenizer, [r for item in items for r in item.requests], progress=False)
-        correct[name] = correct_per_item(items, scores.loglik)[0]
+        picks = picks_per_item(items, scores.loglik)
+        correct[name] = [pick == item.gold for item, (pick, _) in zip(items, picks, strict=True)]
         tokens, seconds = tokens + scores.tokens, seconds + scores.seconds
     return correct, tokens / seconds
 

@@ -5,7 +5,8 @@
 One switchable model is built (``automp.switchable``): every layer holds GPTQ codes in w2g64, w3g128 and
 w4g128 (each made by uniform GPTQ of that format) and one rank-``--rank`` LoRA adapter per format,
 started at the activation-aware correction (EoRA). Each style (spnet, cyclic, instantnet) then trains a
-copy of the adapters for the same ``--steps`` optimizer steps on the calibration windows. For each bitmap
+copy of the adapters for the same ``--steps`` optimizer steps on the calibration windows
+(``--styles ...,instantnet-kl`` adds instantnet without its cross-entropy term). For each bitmap
 (uniform w2g64, w3g128, w4g128, and a 2.5-bit mix: attention w3g128, MLP w2g64) the rows are:
 
 * ``gptq``: post-hoc GPTQ of the bitmap, no adapters (fewer bits);
@@ -32,17 +33,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from automp.allocation import Allocation  # noqa: E402
 from automp.data import load_heldout_windows, load_windows  # noqa: E402
-from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
+from automp.evaluate import perplexity  # noqa: E402
 from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
 from automp.switchable.evaluator import SwitchableEvaluator  # noqa: E402
 from automp.switchable.greedy import measured_greedy  # noqa: E402
 from automp.switchable.model import SwitchableSpec, build_switchable, load_switchable  # noqa: E402
 from automp.switchable.train import TrainConfig, train_adapters  # noqa: E402
-from common import CALIB, IN_DOMAIN, Bench, RowCache, markdown_table, report, score_both  # noqa: E402
+from common import CALIB, IN_DOMAIN, Bench, RowCache, mark_deltas, markdown_table, report, score_both  # noqa: E402
 
 FORMATS = ["w2g64", "w3g128", "w4g128"]
-STYLES = ("spnet", "cyclic", "instantnet")
+STYLES = ("spnet", "cyclic", "instantnet")  # also instantnet-kl: instantnet with ce_weight 0
 MIX = "mix2.5"  # attention w3g128, MLP w2g64
 
 
@@ -93,7 +94,9 @@ def main() -> None:
             sw.spec.training = {"build_seconds": time.perf_counter() - start}
         else:
             sw = switchable(None)
-            config = TrainConfig(style=style, steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+            name, _, variant = style.partition("-")  # instantnet-kl: cascade distillation without cross-entropy
+            config = TrainConfig(style=name, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                 ce_weight=0.0 if variant == "kl" else 1.0)  # fmt: skip
             start = time.perf_counter()
             sw.spec.training = train_adapters(sw, bench.calib, config, work / f"state-{style}", progress=False)
             sw.spec.training["seconds"] = time.perf_counter() - start
@@ -129,12 +132,7 @@ def main() -> None:
                 row = cache.put(key, row | score_both(sw.model, bench, indomain, indomain_fp))
                 print({k: v for k, v in row.items() if "nll" not in k}, file=sys.stderr, flush=True)
             group.append(row)
-        reference = group[1]
-        for row in group:
-            for text, field in (("wiki", "nll"), ("indomain", "indomain_nll")):
-                delta, se = paired_delta(_nll(reference, field), _nll(row, field))
-                row[f"{text}_delta"], row[f"{text}_se"] = delta, se
-                row[f"{text}_mark"] = "*" if se and abs(delta) > 2 * se else ""
+        mark_deltas(group, reference=group[1])
         rows.extend(group)
 
     timing = cache.get("timing")
@@ -172,10 +170,6 @@ def main() -> None:
                "rank": args.rank, "steps": args.steps, "lr": args.lr, "timing": timing,
                "rows": [{k: v for k, v in r.items() if k not in ("nll", "indomain_nll")} for r in rows]}  # fmt: skip
     report("switchable precision", payload, markdown_table(rows, columns), args.out)
-
-
-def _nll(row: dict, field: str) -> Perplexity:
-    return Perplexity(0.0, len(row[field]), 0, 0, row[field])
 
 
 if __name__ == "__main__":

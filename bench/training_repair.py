@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from allocation import FORMATS  # noqa: E402
 from automp.allocation import Allocation  # noqa: E402
 from automp.data import load_windows  # noqa: E402
-from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
+from automp.evaluate import perplexity  # noqa: E402
 from automp.formats import parse_formats  # noqa: E402
 from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
@@ -49,7 +49,7 @@ from automp.repair.selfgen import cached_windows  # noqa: E402
 from automp.repair.seq_finetune import SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner  # noqa: E402
 from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import CalibInfo  # noqa: E402
-from common import CALIB, IN_DOMAIN, Bench, RowCache, markdown_table, report, score_both  # noqa: E402
+from common import CALIB, IN_DOMAIN, Bench, RowCache, mark_deltas, markdown_table, report, score_both  # noqa: E402
 
 ROWS = "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen,seq-finetune"
 CONFIGS = {  # row -> (methods, schedule, train data)
@@ -127,12 +127,7 @@ def main() -> None:
                 row = evaluate(key, model, {"seconds": seconds, "steps": done.summary().get("steps", 0)})
             print({k: v for k, v in row.items() if "nll" not in k}, file=sys.stderr, flush=True)
         rows.append(row)
-    base = rows[0]
-    for row in rows:
-        for text, field in (("wiki", "nll"), ("indomain", "indomain_nll")):
-            delta, se = paired_delta(_nll(base, field), _nll(row, field))
-            row[f"{text}_delta"], row[f"{text}_se"] = delta, se
-            row[f"{text}_mark"] = "*" if se and abs(delta) > 2 * se else ""
+    mark_deltas(rows, reference=rows[0])
     columns = [
         ("label", "row", ""), ("avg_bits", "bits", ".3f"), ("ppl", "WikiText PPL", ".2f"),
         ("wiki_delta", "ΔNLL vs GPTQ", "+.5f"), ("wiki_se", "±", ".5f"), ("wiki_mark", "", ""),
@@ -142,10 +137,6 @@ def main() -> None:
     payload = {"model": args.model, "scheme": args.scheme, "fp16_ppl": bench.baseline.ppl,
                "rows": [{k: v for k, v in r.items() if k not in ("nll", "indomain_nll")} for r in rows]}  # fmt: skip
     report("training repair", payload, markdown_table(rows, columns), args.out)
-
-
-def _nll(row: dict, field: str) -> Perplexity:
-    return Perplexity(0.0, len(row[field]), 0, 0, row[field])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from automp.pipeline import run
 from automp.settings import (
     EvalSettings,
     ExportSettings,
+    PlanSettings,
     ProfileSettings,
     QuantizeSettings,
     RunSettings,
@@ -36,6 +37,7 @@ SETTINGS = {
     "search": SearchSettings,
     "run": RunSettings,
     "export": ExportSettings,
+    "plan": PlanSettings,
     "switchable train": SwitchableTrainSettings,
     "switchable eval": SwitchableSettings,
     "switchable greedy": SwitchableSettings,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from automp.cli import app
 from automp.errors import AutompError
 from automp.model import load_model
-from automp.tasks import Item, accuracy, evaluate_tasks, load_task, score
+from automp.tasks import accuracy, evaluate_tasks, load_task, score
 
 runner = CliRunner()
 
@@ -70,14 +70,23 @@ def test_scores_match_an_independent_computation(tiny, tmp_path):
     assert result["count"] == 3 and result["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
 
 
-def test_acc_norm_divides_by_continuation_characters():
-    items = [
-        Item([("q", " ab"), ("q", " abcdefghi")], gold=1),  # -3/3 = -1 < -5/10 = -0.5: norm picks 1
-        Item([("q", " a"), ("q", " b")], gold=0),
-    ]
-    result = accuracy(items, [-3.0, -5.0, -1.0, -2.0])
+def test_acc_norm_divides_by_the_choice_characters_as_lm_eval_does(tmp_path):
+    # lm-eval: len(choice) without the delimiter's space. " ab" / " abcd" would give -2/3 > -3.5/5 (pick 0);
+    # "ab" / "abcd" give -2/2 = -1.0 < -3.5/4 = -0.875 (pick 1)
+    _write(tmp_path, "copa", [{"query": "q", "choices": ["ab", "abcd"], "gold": 1},
+                              {"query": "q", "choices": ["a", "b"], "gold": 0}])  # fmt: skip
+    items = load_task("copa", tmp_path)
+    assert items[0].requests[1] == ("q", " abcd") and items[0].lengths == [2, 4]
+    result = accuracy(items, [-2.0, -3.5, -1.0, -2.0])
     assert result["acc"] == 0.5 and result["acc_norm"] == 1.0
     assert result["acc_norm_stderr"] == 0.0 and result["stderr"] == pytest.approx(math.sqrt(0.25 / 1))
+
+
+def test_schema_tasks_report_acc_only(tmp_path):
+    _write(tmp_path, "winogrande", SCHEMA)
+    items = load_task("winogrande", tmp_path)
+    result = accuracy(items, [-1.0 - i for i in range(sum(len(item.requests) for item in items))])
+    assert "acc_norm" not in result and result["acc"] == sum(item.gold == 0 for item in items) / len(items)
 
 
 def test_delimiters_follow_the_gauntlet(tmp_path):
@@ -142,9 +151,34 @@ def test_cli_json_has_one_entry_per_task(tiny_dirs, corpus, tmp_path):
     assert result.exit_code == 0, result.output
     assert set(out["tasks"]) == {"copa", "winogrande"}
     for task in out["tasks"].values():
-        assert {"acc", "acc_norm", "stderr", "count"} <= set(task) and task["count"] == 2
+        assert {"acc", "stderr", "count"} <= set(task) and task["count"] == 2
+    assert "acc_norm" in out["tasks"]["copa"] and "acc_norm" not in out["tasks"]["winogrande"]
     assert out["ppl"] > 1 and out["peak_memory_mb"] > 10 and out["tokens_per_s"] > 0
     assert out["memory_kind"] == "cpu_peak_rss"
+
+
+def test_log_samples_lets_anyone_recompute_the_scores(tiny_dirs, tmp_path):
+    _write(tmp_path, "copa", MC)
+    _write(tmp_path, "winogrande", SCHEMA)
+    log = tmp_path / "samples.jsonl"
+    result, out = _eval("--model", tiny_dirs["llama"], "--tasks", "copa,winogrande", "--tasks-dir", tmp_path,
+                        "--log-samples", log, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for name, task in out["tasks"].items():
+        mine = [r for r in records if r["task"] == name]
+        assert len(mine) == task["count"]
+        picks = [_argmax(r["loglik"]) for r in mine]
+        assert [r["pick"] for r in mine] == picks
+        assert sum(pick == r["gold"] for pick, r in zip(picks, mine, strict=True)) / len(mine) == task["acc"]
+        if "acc_norm" in task:
+            norm = [_argmax([ll / n for ll, n in zip(r["loglik"], r["chars"], strict=True)]) for r in mine]
+            assert sum(pick == r["gold"] for pick, r in zip(norm, mine, strict=True)) / len(mine) == task["acc_norm"]
+    result, _ = _eval("--model", tiny_dirs["llama"], "--ppl", tmp_path / "copa.jsonl", "--log-samples", log)
+    assert result.exit_code == 2 and "--log-samples" in result.output
+    result, _ = _eval("--model", tiny_dirs["llama"], "--tasks", "copa", "--tasks-dir", tmp_path,
+                      "--log-samples", tmp_path)  # fmt: skip
+    assert result.exit_code == 2 and "existing directory" in result.output
 
 
 def test_cli_errors(tiny_dirs, tmp_path, monkeypatch):
@@ -167,3 +201,7 @@ def test_lm_eval_backend_missing_is_a_clear_error(tiny_dirs):
         pass
     result, _ = _eval("--model", tiny_dirs["llama"], "--tasks", "piqa", "--backend", "lm-eval")
     assert result.exit_code == 2 and "pip install lm-eval" in result.output
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)

@@ -26,6 +26,7 @@ from automp.errors import AutompError
 from automp.settings import (
     EvalSettings,
     ExportSettings,
+    PlanSettings,
     ProfileSettings,
     QuantizeSettings,
     RepairSettings,
@@ -245,6 +246,9 @@ def eval_(
     tasks_dir: Annotated[Path | None, typer.Option("--tasks-dir", help="Task .jsonl files (./data/eval).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Score only the first N items of each task.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="automp (local files) or lm-eval.")] = None,
+    log_samples: Annotated[
+        Path | None, typer.Option("--log-samples", help="Write every task item's log-likelihoods and picks (JSONL).")
+    ] = None,
     seqlen: SeqlenOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -267,8 +271,10 @@ def _eval_summary(result: dict) -> str:
         lines.append(f"perplexity {result['ppl']:.3f} over {result['windows']} windows ({result['tokens']} tokens)")
     for name, task in result.get("tasks", {}).items():
         lines.append(
-            f"{name:<14} acc {task['acc']:.4f}  acc_norm {task['acc_norm']:.4f}  ± {task['stderr']:.4f}  "
-            f"n {task['count']}" + (f"  chance {task['chance']:.3f}" if "chance" in task else "")
+            f"{name:<14} acc {task['acc']:.4f}"
+            + (f"  acc_norm {task['acc_norm']:.4f}" if "acc_norm" in task else "")
+            + f"  ± {task['stderr']:.4f}  n {task['count']}"
+            + (f"  chance {task['chance']:.3f}" if "chance" in task else "")
         )
     speed = f", {result['tokens_per_s']:.0f} tokens/s" if result.get("tokens_per_s") else ""
     lines.append(f"peak memory {result['peak_memory_mb']:.0f} MB ({result['memory_kind']}){speed}")
@@ -735,6 +741,48 @@ def switchable_export(
 
     result = export(load_settings(SwitchableSettings, config, flags))
     _emit(result, json_out, f"run directory written to {result['out']}: {result['avg_bits']:.4f} bits/weight")
+
+
+@app.command()
+@_command
+@_defaults_from(PlanSettings)
+def plan(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Local model directory (config.json alone is enough) or hub id.")
+    ] = None,
+    formats: Annotated[
+        str | None, typer.Option(help="Formats the run may store; each layer is counted at the largest.")
+    ] = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: SeqlenOpt = None,
+    batch_size: BatchOpt = None,
+    device_memory: Annotated[
+        str | None,
+        typer.Option("--device-memory", help="Device memory, e.g. 24GiB (default: the CUDA device's, else host's)."),
+    ] = None,
+    cpu_memory: Annotated[
+        str | None, typer.Option("--cpu-memory", help="Host memory, e.g. 64GiB (default: this machine's).")
+    ] = None,
+    dtype: DtypeOpt = None,
+    device: Annotated[
+        str | None, typer.Option(help="Device planned for: auto (cuda when this machine has one), cpu or cuda.")
+    ] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="Stages the mode must fit, comma-separated; every stage is predicted.")
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Predict each stage's peak device, CPU and disk memory from the config alone; in-memory, streaming, or refuse."""
+    flags = _flags(ctx, locals())
+    from automp.execution.plan import plan_command, plan_refusal, plan_table
+
+    result = plan_command(load_settings(PlanSettings, config, flags))
+    _emit(result.model_dump(), json_out, plan_table(result))
+    refusal = plan_refusal(result)
+    if refusal is not None:
+        raise AutompError(refusal)
 
 
 def main() -> None:

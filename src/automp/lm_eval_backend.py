@@ -32,12 +32,11 @@ def evaluate_tasks_lm_eval(model, tokenizer, names: list[str], limit: int | None
     results = {}
     for name, task in theirs.items():
         metrics = output["results"][task]
-        acc = metrics["acc,none"]
         results[name] = {
-            "acc": acc,
-            "acc_norm": metrics.get("acc_norm,none", acc),  # WinoGrande reports acc only
+            "acc": metrics["acc,none"],
             "stderr": metrics["acc_stderr,none"],
-            "acc_norm_stderr": metrics.get("acc_norm_stderr,none", metrics["acc_stderr,none"]),
             "count": output.get("n-samples", {}).get(task, {}).get("effective"),
         }
+        if "acc_norm,none" in metrics:  # WinoGrande reports acc only
+            results[name] |= {"acc_norm": metrics["acc_norm,none"], "acc_norm_stderr": metrics["acc_norm_stderr,none"]}
     return results

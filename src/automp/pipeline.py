@@ -93,6 +93,10 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     names = [name.strip() for name in (settings.tasks or "").split(",") if name.strip()]
     if not settings.ppl and not names:
         raise AutompError("nothing to evaluate: give --ppl TEXT and/or --tasks NAMES")
+    if settings.log_samples is not None:
+        if not names or settings.backend != "automp":
+            raise AutompError("--log-samples logs automp's task scorer: give --tasks with --backend automp")
+        check_output(settings.log_samples, "file", "--log-samples")
     with clock.stage("load"):
         tasks_dir = resolve_tasks_dir(settings.tasks_dir) if names and settings.backend == "automp" else None
         model, tokenizer = _load(settings)
@@ -111,8 +115,9 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                 metrics["tasks"] = evaluate_tasks_lm_eval(model, tokenizer, names, settings.limit, settings.batch_size)
             else:
                 metrics["tasks"], cost = evaluate_tasks(
-                    model, tokenizer, names, tasks_dir, settings.limit, settings.batch_size, progress
-                )
+                    model, tokenizer, names, tasks_dir, settings.limit, settings.batch_size, progress,
+                    log_samples=settings.log_samples,
+                )  # fmt: skip
                 tokens, seconds = tokens + cost.tokens, seconds + cost.seconds
     metrics.update(peak_memory(device), tokens_per_s=throughput(tokens, seconds), forward_tokens=tokens)
     return {**metrics, "seconds": clock.total, "stage_seconds": clock.seconds}

@@ -59,6 +59,7 @@ class EvalSettings(ModelSettings):
     tasks_dir: Path | None = None  # default: ./data/eval
     limit: int | None = None  # the first N items of each task
     backend: Literal["automp", "lm-eval"] = "automp"
+    log_samples: Path | None = None  # every task item's log-likelihoods, picks and gold, as JSON lines
 
 
 class RepairOptions(BaseModel):
@@ -301,6 +302,26 @@ class ExportSettings(BaseModel):
     format: Literal["compressed-tensors", "gptq", "gguf", "gguf-map", "gptq-dynamic"]
     out: Path
     engine: Literal["vllm", "transformers"] = "vllm"  # which engine's limits to warn about (compressed-tensors, gptq)
+
+
+class PlanSettings(BaseModel):
+    """``automp plan``: each stage's peak device, CPU and disk memory, predicted from the model's config alone
+    (``execution/plan.py``), and the execution mode that fits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # a local directory (config.json alone is enough) or a hub id
+    formats: str = "w2g64,w3g128,w4g128"  # every layer is counted at the format that takes the most bytes
+    nsamples: int = 128
+    seqlen: int | None = None  # default: 2048 capped at the model's maximum positions
+    batch_size: int = 8
+    device_memory: str | None = None  # e.g. 24GiB; default: the CUDA device's total, else the host's memory
+    cpu_memory: str | None = None  # default: the host's physical memory
+    dtype: str = "auto"  # auto: float16 on cuda, float32 on cpu (as automp loads models)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the device planned for; auto: cuda when this machine has one
+    stages: str = "load,profile,gptq,perplexity,export"  # the stages the mode must fit (every stage is predicted)
+
+    _known_formats = field_validator("formats")(ProfileSettings._known_formats.__func__)
 
 
 def load_settings(cls: type[BaseModel], config: Path | None, flags: dict) -> BaseModel:

@@ -14,8 +14,13 @@ has none, so the first continuation token is always predicted). Context and cont
 are tokenized separately; a too-long context loses tokens from its start.
 
 ``acc`` picks the choice with the highest summed continuation log-likelihood, ``acc_norm`` the
-highest per character of the continuation (lm-evaluation-harness's ``acc_norm``). ``stderr`` is
-the binomial standard error ``sqrt(p (1 - p) / (n - 1))``.
+highest per character of the choice as written in the file, without the delimiter's space in front
+(lm-evaluation-harness's ``acc_norm``: ``len(choice)``). Schema tasks (WinoGrande) score one shared
+continuation, so per-character normalisation cannot change their pick: they report ``acc`` only, as
+lm-eval does. ``stderr`` is the binomial standard error ``sqrt(p (1 - p) / (n - 1))``.
+
+``evaluate_tasks(..., log_samples=FILE)`` writes one JSON line per item (task, index, each choice's
+continuation, log-likelihood and characters, the picks, gold), so any score can be audited.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from automp.errors import AutompError
+from automp.io import write_file_atomic
 from automp.model import max_positions
 
 DELIMITERS = {"arc_easy": "\nAnswer: ", "arc_challenge": "\nAnswer: ", "boolq": "\nAnswer: ", "piqa": "\nAnswer: "}
@@ -40,6 +46,7 @@ DEFAULT_TASKS_DIR = Path("data/eval")
 class Item:
     requests: list[tuple[str, str]]  # (context, continuation), one per choice
     gold: int
+    lengths: list[int] | None = None  # characters of each choice as written (acc_norm); None: a schema item
 
 
 @dataclass
@@ -102,7 +109,7 @@ def _parse(line: str, delimiter: str, where: str) -> Item:
     gold = row.get("gold")
     if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(pairs):
         raise AutompError(f"{where}: 'gold' must be an index into the {len(pairs)} choices, got {gold!r}")
-    return Item(pairs, gold)
+    return Item(pairs, gold, None if "context_options" in row else [len(choice) for choice in choices])
 
 
 def _strings(value: object) -> bool:
@@ -162,31 +169,42 @@ def _prefix(tokenizer) -> list[int]:
 
 
 def accuracy(items: list[Item], loglik: list[float]) -> dict:
-    """acc, acc_norm (per continuation character), their binomial standard errors, count and chance."""
-    correct, correct_norm = correct_per_item(items, loglik)
+    """acc, acc_norm (per choice character; multiple-choice tasks only), their binomial standard errors,
+    count and chance."""
+    picks = picks_per_item(items, loglik)
     n = len(items)
-    acc, acc_norm = sum(correct) / n, sum(correct_norm) / n
-    return {
-        "acc": acc,
-        "acc_norm": acc_norm,
-        "stderr": _stderr(acc, n),
-        "acc_norm_stderr": _stderr(acc_norm, n),
-        "count": n,
-        "chance": sum(1 / len(item.requests) for item in items) / n,
-    }
+    acc = sum(pick == item.gold for item, (pick, _) in zip(items, picks, strict=True)) / n
+    result = {"acc": acc, "stderr": _stderr(acc, n), "count": n}
+    if all(item.lengths is not None for item in items):
+        acc_norm = sum(pick == item.gold for item, (_, pick) in zip(items, picks, strict=True)) / n
+        result |= {"acc_norm": acc_norm, "acc_norm_stderr": _stderr(acc_norm, n)}
+    return result | {"chance": sum(1 / len(item.requests) for item in items) / n}
 
 
-def correct_per_item(items: list[Item], loglik: list[float]) -> tuple[list[bool], list[bool]]:
-    """Whether each item's highest-scoring choice is gold: by summed log-likelihood, and per character."""
-    correct, correct_norm = [], []
-    position = 0
+def picks_per_item(items: list[Item], loglik: list[float]) -> list[tuple[int, int | None]]:
+    """Each item's pick by summed log-likelihood, and per choice character (None for schema items)."""
+    picks = []
+    for item, ll in zip(items, _per_item(items, loglik), strict=True):
+        norm = None if item.lengths is None else _argmax([v / max(n, 1) for v, n in zip(ll, item.lengths, strict=True)])
+        picks.append((_argmax(ll), norm))
+    return picks
+
+
+def _per_item(items: list[Item], loglik: list[float]) -> list[list[float]]:
+    starts = [0]
     for item in items:
-        ll = loglik[position : position + len(item.requests)]
-        position += len(item.requests)
-        norm = [value / max(len(cont), 1) for value, (_, cont) in zip(ll, item.requests, strict=True)]
-        correct.append(_argmax(ll) == item.gold)
-        correct_norm.append(_argmax(norm) == item.gold)
-    return correct, correct_norm
+        starts.append(starts[-1] + len(item.requests))
+    return [loglik[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def sample_records(name: str, items: list[Item], loglik: list[float]) -> list[dict]:
+    """One auditable record per item: each choice's continuation, log-likelihood and characters, the picks."""
+    picks = picks_per_item(items, loglik)
+    return [
+        {"task": name, "index": index, "continuations": [cont for _, cont in item.requests], "loglik": ll,
+         "chars": item.lengths, "pick": pick, "pick_norm": pick_norm, "gold": item.gold}
+        for index, (item, ll, (pick, pick_norm)) in enumerate(zip(items, _per_item(items, loglik), picks, strict=True))
+    ]  # fmt: skip
 
 
 def _argmax(values: list[float]) -> int:
@@ -205,14 +223,19 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    log_samples: Path | None = None,
 ) -> tuple[dict[str, dict], Scores]:
-    """Accuracy per task, and the forward cost summed over tasks (its loglik list left empty)."""
+    """Accuracy per task, and the forward cost summed over tasks (its loglik list left empty). With
+    ``log_samples``, every item's record (``sample_records``) as JSON lines in that file."""
     tasks = {name: load_task(name, tasks_dir, limit) for name in names}  # every file checked before scoring
-    results, total = {}, Scores([], 0, 0.0)
+    results, total, records = {}, Scores([], 0, 0.0), []
     for name, items in tasks.items():
         requests = [request for item in items for request in item.requests]
         scores = score(model, tokenizer, requests, batch_size, desc=name, progress=progress)
         results[name] = accuracy(items, scores.loglik)
+        records += sample_records(name, items, scores.loglik) if log_samples is not None else []
         total.tokens += scores.tokens
         total.seconds += scores.seconds
+    if log_samples is not None:
+        write_file_atomic(Path(log_samples), "".join(json.dumps(record) + "\n" for record in records))
     return results, total
