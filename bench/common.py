@@ -78,12 +78,13 @@ def mark_deltas(rows: list[dict], reference: dict) -> None:
     ``indomain_*``."""
     for row in rows:
         for text, field in (("wiki", "nll"), ("indomain", "indomain_nll")):
-            delta, se = paired_delta(_windows(reference[field]), _windows(row[field]))
+            delta, se = paired_delta(per_window(reference[field]), per_window(row[field]))
             row[f"{text}_delta"], row[f"{text}_se"] = delta, se
             row[f"{text}_mark"] = "*" if abs(delta) > max(2 * se, 1e-6) else ""  # float noise is not a difference
 
 
-def _windows(nll: list[float]) -> Perplexity:
+def per_window(nll: list[float]) -> Perplexity:
+    """A row's saved per-window NLLs in the form ``paired_delta`` takes."""
     return Perplexity(0.0, len(nll), 0, 0, nll)
 
 

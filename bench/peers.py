@@ -46,7 +46,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import sys
 import traceback
@@ -64,14 +63,14 @@ from automp.allocation import Allocation  # noqa: E402
 from automp.checkpoint import QUANT_FILE, load_quantized, model_bytes  # noqa: E402
 from automp.data import load_windows  # noqa: E402
 from automp.errors import AutompError  # noqa: E402
-from automp.evaluate import Perplexity, paired_delta, perplexity  # noqa: E402
+from automp.evaluate import paired_delta, perplexity  # noqa: E402
 from automp.formats import SCALE_BITS, Format, get_format  # noqa: E402
 from automp.model import Inventory, inventory, load_model  # noqa: E402
 from automp.pipeline import run, window_length  # noqa: E402
 from automp.quantize import quantize_, round_to_storage  # noqa: E402
 from automp.sensitivity.table import TABLE_FILE  # noqa: E402
 from automp.settings import DEFAULT_FORMATS, RunSettings  # noqa: E402
-from common import RowCache, Timer, markdown_table, report  # noqa: E402
+from common import RowCache, Timer, markdown_table, per_window, report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched: every peer gets the local model and windows
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -455,13 +454,9 @@ def paired(group: list[dict], texts: list[str]) -> list[dict]:
         row["reference"] = reference["method"] if reference else None
         for prefix in texts:
             if reference is not None:
-                delta, se = paired_delta(_perplexity(reference[f"{prefix}nll"]), _perplexity(row[f"{prefix}nll"]))
+                delta, se = paired_delta(per_window(reference[f"{prefix}nll"]), per_window(row[f"{prefix}nll"]))
                 row[f"{prefix}delta_nll"], row[f"{prefix}delta_se"] = delta, se
     return group
-
-
-def _perplexity(nll: list[float]) -> Perplexity:
-    return Perplexity(math.exp(sum(nll) / len(nll)), len(nll), 0, 0, nll)
 
 
 def parse_methods(spec: str) -> list[str]:

@@ -166,6 +166,19 @@ def max_positions(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+DEFAULT_SEQLEN = 2048
+
+
+def checked_seqlen(requested: int | None, limit: int | None) -> int:
+    """The window length: ``requested``, else 2048 capped at the model's maximum positions ``limit``."""
+    seqlen = requested or min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN)
+    if seqlen < 2:
+        raise AutompError("--seqlen must be at least 2")
+    if limit and seqlen > limit:
+        raise AutompError(f"--seqlen {seqlen} exceeds the model's maximum positions ({limit})")
+    return seqlen
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -35,6 +35,7 @@ from automp.lm_eval_backend import evaluate_tasks_lm_eval
 from automp.model import (
     EMBED_ROLE,
     HEAD_ROLE,
+    checked_seqlen,
     embedding_name,
     inventory,
     inventory_for,
@@ -65,17 +66,9 @@ from automp.tasks import evaluate_tasks, resolve_tasks_dir
 from automp.timing import Stopwatch
 from automp.usage import peak_memory, reset_peak_memory, throughput
 
-DEFAULT_SEQLEN = 2048
-
 
 def window_length(model, requested: int | None) -> int:
-    limit = max_positions(model)
-    seqlen = requested or min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN)
-    if seqlen < 2:
-        raise AutompError("--seqlen must be at least 2")
-    if limit and seqlen > limit:
-        raise AutompError(f"--seqlen {seqlen} exceeds the model's maximum positions ({limit})")
-    return seqlen
+    return checked_seqlen(requested, max_positions(model))
 
 
 def _load(settings: ModelSettings):

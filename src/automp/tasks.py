@@ -25,6 +25,7 @@ continuation, log-likelihood and characters, the picks, gold), so any score can 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -191,10 +192,8 @@ def picks_per_item(items: list[Item], loglik: list[float]) -> list[tuple[int, in
 
 
 def _per_item(items: list[Item], loglik: list[float]) -> list[list[float]]:
-    starts = [0]
-    for item in items:
-        starts.append(starts[-1] + len(item.requests))
-    return [loglik[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    ends = list(itertools.accumulate(len(item.requests) for item in items))
+    return [loglik[a:b] for a, b in itertools.pairwise([0, *ends])]
 
 
 def sample_records(name: str, items: list[Item], loglik: list[float]) -> list[dict]:

@@ -46,7 +46,15 @@ from torch import nn
 from automp.budget import parse_size
 from automp.errors import AutompError
 from automp.formats import Format, parse_formats
-from automp.model import decoder_blocks, is_linear, linear_weight, max_positions, resolve_dtype, role_of
+from automp.model import (
+    checked_seqlen,
+    decoder_blocks,
+    is_linear,
+    linear_weight,
+    max_positions,
+    resolve_dtype,
+    role_of,
+)
 from automp.quantizers.awq import scale_groups
 from automp.quantizers.awq_clip import TOKENS as AWQ_CLIP_TOKENS
 
@@ -59,7 +67,6 @@ PROXIES = ("hessian", "outgrad", "fisher", "grad", "weight", "kl")
 PROFILE_STAGES = ("profile", *(f"profile.{proxy}" for proxy in PROXIES))  # profile: all four pre-pass proxies
 STAGES = ("load", *PROFILE_STAGES, "gptq", "awq", "repair", "perplexity", "tasks", "export")
 DEFAULT_STAGES = "load,profile,gptq,perplexity,export"  # what `automp run` (GPTQ, no --kl, no --repair) and export run
-DEFAULT_SEQLEN = 2048  # as the pipeline's windows: 2048 tokens, capped at the model's maximum positions
 KL_WINDOWS = 8  # ProfileSettings.kl_windows' default
 REPAIR_BATCH = 4  # ReconstructConfig.batch_size: windows per Block-AP step
 FP32, FP64, INT64, FP16 = 4, 8, 8, 2
@@ -690,7 +697,7 @@ def memory_plan(
     working = resolve_dtype(dtype, torch.device(target))
     parsed = tuple(parse_formats(formats))
     shape = model_shape(model)
-    seqlen = _seqlen(seqlen, shape.max_positions)
+    seqlen = checked_seqlen(seqlen, shape.max_positions)
     work = Workload(nsamples, seqlen, batch_size, parsed, working.itemsize, target == "cpu")
     modes = stage_memory(shape, work)
     plan = MemoryPlan(
@@ -747,15 +754,6 @@ def host_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError) as err:
         raise AutompError("could not read this machine's memory: give --cpu-memory, e.g. 64GiB") from err
-
-
-def _seqlen(seqlen: int | None, limit: int | None) -> int:
-    seqlen = seqlen or min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN)
-    if seqlen < 2:
-        raise AutompError("--seqlen must be at least 2")
-    if limit and seqlen > limit:
-        raise AutompError(f"--seqlen {seqlen} exceeds the model's maximum positions ({limit})")
-    return seqlen
 
 
 # ---- refusing, and reading the plan ---------------------------------------------------------------------------

@@ -27,7 +27,14 @@ from automp.quantize import GPTQConfig, round_to_storage
 from automp.settings import SwitchableSettings, SwitchableTrainSettings
 from automp.switchable.evaluator import SwitchableEvaluator
 from automp.switchable.greedy import measured_greedy
-from automp.switchable.model import MANIFEST, SwitchableModel, SwitchableSpec, build_switchable, load_switchable
+from automp.switchable.model import (
+    MANIFEST,
+    SwitchableModel,
+    SwitchableSpec,
+    build_switchable,
+    load_switchable,
+    read_spec,
+)
 from automp.switchable.train import TrainConfig, train_adapters
 from automp.timing import Stopwatch
 
@@ -107,11 +114,7 @@ def _summary(sw: SwitchableModel) -> dict:
 
 def open_switchable(path: Path, dtype: str = "auto", device: str = "auto") -> tuple[SwitchableModel, object]:
     """The switchable model saved in ``path`` on its full-precision model, and that model's tokenizer."""
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        raise AutompError(f"{path} is not a switchable model directory (no {MANIFEST}); run automp switchable train")
-    spec = json.loads(manifest.read_text())
-    model, tokenizer = load_model(spec["model"], dtype=dtype, device=device)
+    model, tokenizer = load_model(read_spec(path).model, dtype=dtype, device=device)
     return load_switchable(path, model), tokenizer
 
 

@@ -93,7 +93,6 @@ class SwitchableModel:
     def __init__(self, model: nn.Module, spec: SwitchableSpec, inv: Inventory):
         self.model, self.spec, self.inventory = model, spec, inv
         self.layers = {layer.name: model.get_submodule(layer.name) for layer in inv.layers}  # PEFT's wrappers
-        self.bitmap: dict[str, str] = dict.fromkeys(self.layers, FULL)
 
     # ---- switching ---------------------------------------------------------------------------------
 
@@ -130,7 +129,6 @@ class SwitchableModel:
         resolved = self.resolve(bitmap)
         for name, fmt in resolved.items():
             set_format(self.layers[name], fmt, adapters)
-        self.bitmap = resolved
         return resolved
 
     def uniform(self, fmt: str) -> dict[str, str]:
@@ -185,12 +183,12 @@ class SwitchableModel:
         dense = 0
         for name, tensor in self.model.state_dict().items():
             owner = next((layer for layer in self.layers if name.startswith(layer + ".")), None)
-            if (
-                owner is not None
-                and not name.endswith(".bias")
-                and not (owner not in qweights and name == f"{owner}.base_layer.weight")
-            ):
-                continue  # adapters and codes are counted with the delivered weights; an fp16 layer keeps its weight
+            # of a switchable layer only its bias, and the weight of a 16-bit one, are stored dense; its codes and
+            # adapters are counted with the delivered weights
+            if owner is not None:
+                kept = [f"{owner}.base_layer.bias"] + ([f"{owner}.base_layer.weight"] if owner not in qweights else [])
+                if name not in kept:
+                    continue
             if tensor.untyped_storage().data_ptr() in seen:
                 continue
             seen.add(tensor.untyped_storage().data_ptr())
@@ -265,12 +263,18 @@ def build_switchable(
     return switchable
 
 
+def read_spec(path: Path) -> SwitchableSpec:
+    """The manifest of the switchable model saved in ``path``."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise AutompError(f"{path} is not a switchable model directory (no {MANIFEST}); run automp switchable train")
+    return SwitchableSpec(**json.loads(manifest.read_text()))
+
+
 def load_switchable(path: Path, model: nn.Module | None = None, dtype: str = "auto", device: str = "auto"):
     """The switchable model saved in ``path``; ``model``: its full-precision model when already loaded."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
-        raise AutompError(f"{path} is not a switchable model directory (no {MANIFEST}); run automp switchable train")
-    spec = SwitchableSpec(**json.loads((path / MANIFEST).read_text()))
+    spec = read_spec(path)
     if model is None:
         from automp.model import load_model
 

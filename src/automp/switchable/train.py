@@ -101,7 +101,7 @@ def train_adapters(
             logits = sw.model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
             log_q = F.log_softmax(logits, dim=-1)
             teacher = fp if p.teacher is None else teachers[p.teacher]
-            loss = _kl(log_q, teacher) if config.loss == "kl" or config.style == "instantnet" else 0.0
+            loss = _kl(log_q, teacher) if config.loss == "kl" or p.cross_entropy else 0.0  # instantnet: both
             if p.cross_entropy or config.loss == "ce":
                 loss = loss + config.ce_weight * F.nll_loss(log_q[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
