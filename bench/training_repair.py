@@ -11,7 +11,8 @@ row repairs a copy of it with ``automp.repair`` (``--rows``, in order):
 * ``block-ap-sgra`` / ``block-ap-joint``: the sensitivity-guided schedules rescaled to uniform's total
   steps (``--equal-steps``); the block sensitivities come from the profile of bench/allocation.py
   (its ``--work`` profile directory, ``--profile-work``), proxy ``outgrad``. At a uniform scheme every
-  block has the same bits, so joint differs from sgra only in its constant factors;
+  block has the same bits, so joint differs from sgra only in its constant factors; under a mixed
+  ``--allocation`` (e.g. bench/allocation.py's 2.5-bit knapsack) joint also follows each block's bits;
 * ``block-ap+e2e-qp``: Block-AP, then end-to-end scale tuning on KL to the full-precision model;
 * ``sign-round-selfgen``: sign rounding trained on windows sampled from the full-precision model
   (``--train-data self-generated``) instead of the calibration text;
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="cache: the quantized model and every finished row")
     parser.add_argument("--profile-work", default="/tmp/alloc/profile", help="bench/allocation.py's profile cache")
     parser.add_argument("--scheme", default="w2g64")
+    parser.add_argument("--allocation", help="a saved allocation instead of --scheme")
     parser.add_argument("--rows", default=ROWS)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--indomain-windows", type=int, default=128)
@@ -82,7 +84,7 @@ def main() -> None:
     indomain = load_windows(str(Path(args.data) / IN_DOMAIN), bench.tokenizer, seqlen)[: args.indomain_windows]
     indomain_fp = perplexity(bench.model, indomain, progress=False)
     inv = inventory(bench.model)
-    allocation = Allocation.uniform(inv, args.scheme)
+    allocation = Allocation.load(Path(args.allocation)) if args.allocation else Allocation.uniform(inv, args.scheme)
     model = bench.reset()
     gptq = quantize_(model, allocation, "gptq", bench.calib, progress=False)
     gptq_state = copy.deepcopy(model.state_dict())
@@ -134,7 +136,7 @@ def main() -> None:
         ("indomain_ppl", "in-domain PPL", ".2f"), ("indomain_delta", "ΔNLL vs GPTQ", "+.5f"),
         ("indomain_se", "±", ".5f"), ("indomain_mark", "", ""), ("steps", "steps", "d"), ("seconds", "seconds", ".0f"),
     ]  # fmt: skip
-    payload = {"model": args.model, "scheme": args.scheme, "fp16_ppl": bench.baseline.ppl,
+    payload = {"model": args.model, "scheme": args.allocation or args.scheme, "fp16_ppl": bench.baseline.ppl,
                "rows": [{k: v for k, v in r.items() if k not in ("nll", "indomain_nll")} for r in rows]}  # fmt: skip
     report("training repair", payload, markdown_table(rows, columns), args.out)
 

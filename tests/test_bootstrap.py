@@ -102,7 +102,7 @@ def test_per_window_reuses_a_plain_profile_and_resumes(setup, tmp_path, monkeypa
         raise AssertionError("a finished layer was measured again")
 
     monkeypatch.setattr(profile_mod, "_measure_layer", refuse)
-    monkeypatch.setattr(profile_mod, "_prepass", refuse)
+    monkeypatch.setattr(profile_mod, "collect_prepass", refuse)
 
     def run(work_dir):
         return profile_model(

@@ -189,7 +189,7 @@ def test_resume_after_a_kill_skips_finished_layers_and_writes_the_same_bytes(set
     model, calib, kl_windows, info, *_ = setup
     formats = parse_formats("w2g64,fp16")
     calls = {"layers": 0, "prepass": 0}
-    measure, prepass = profile_mod._measure_layer, profile_mod._prepass
+    measure, prepass = profile_mod._measure_layer, profile_mod.collect_prepass
 
     def counted_measure(*args, **kwargs):
         if calls["layers"] == calls.get("kill_after", -1):
@@ -202,7 +202,7 @@ def test_resume_after_a_kill_skips_finished_layers_and_writes_the_same_bytes(set
         return prepass(*args, **kwargs)
 
     monkeypatch.setattr(profile_mod, "_measure_layer", counted_measure)
-    monkeypatch.setattr(profile_mod, "_prepass", counted_prepass)
+    monkeypatch.setattr(profile_mod, "collect_prepass", counted_prepass)
 
     def run(work):
         return profile_model(

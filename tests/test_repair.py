@@ -227,3 +227,41 @@ def test_seq_finetune_trains_downstream_blocks_while_quantizing(gptq_w2):
     assert tuned[later].stored_bytes() == gptq[later].stored_bytes()
     with pytest.raises(AutompError, match="block-by-block"):
         quantize_(model, Allocation.uniform(inventory(model), "w2g64"), "rtn", after_block=tuner)
+
+
+def test_finetuned_evaluator_measures_seq_finetune_and_runs_inside_ppo(gptq_w2, tmp_path):
+    """The PPO prototype's step in the evaluator: each evaluation equals quantize_ with the downstream tuner,
+    measured; the model is back at full precision after it; PPO runs on it and reports the cost."""
+    from automp.evaluate import perplexity
+    from automp.formats import parse_formats
+    from automp.repair.seq_finetune import FinetunedEvaluator, SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner
+    from automp.search.ppo import PPOSolver
+    from automp.search.problem import Problem
+    from automp.sensitivity.profile import profile_model
+    from automp.sensitivity.table import CalibInfo
+
+    _, reference, _, calib = gptq_w2
+    model = copy.deepcopy(reference)
+    windows = calib[-2:]
+    evaluator = FinetunedEvaluator(model, windows, ["w2g64", "w4g128"], calib=calib[:8], batch_size=2,
+                                   config=SeqFinetuneConfig(steps=2, batch_size=2))  # fmt: skip
+    allocation = Allocation.uniform(inventory(model), "w2g64")
+    measured = evaluator(allocation)
+    by_hand = copy.deepcopy(reference)
+    tuner = downstream_tuner(
+        by_hand, reference, calib[:8], SeqFinetuneConfig(steps=2, batch_size=2), SeqFinetuneRecord()
+    )
+    quantize_(by_hand, allocation, "gptq", calib[:8], progress=False, after_block=tuner)
+    assert measured == pytest.approx(perplexity(by_hand, windows, 2, progress=False).ppl, rel=1e-6)
+    evaluator.restore()
+    full = reference.state_dict()
+    assert all(torch.equal(value, full[key]) for key, value in model.state_dict().items())
+    assert evaluator(allocation) == measured and evaluator.seconds > 0  # deterministic, and timed
+
+    info = CalibInfo(spec="calib", nsamples=8, seqlen=64, seed=0)
+    table = profile_model(reference, parse_formats("w2g64,w4g128"), calib[:8], model_name="tiny", calib_info=info,
+                          progress=False)  # fmt: skip
+    problem = Problem(table, target_bits=3.0)
+    solution = PPOSolver(episodes=4, formats=["w2g64", "w4g128"]).solve(problem, seed=0, evaluator=evaluator)
+    assert solution.allocation.avg_bits(inventory(model)) <= 3.0 + 1e-9
+    assert evaluator.evaluations >= 4

@@ -45,6 +45,16 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Local model direc
 SeqlenOpt = Annotated[int | None, typer.Option("--seqlen", help="Window length (default 2048, capped at the model's).")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto, float32, float16 or bfloat16.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
+OffloadOpt = Annotated[
+    str | None, typer.Option("--offload", help="Decoder blocks: auto (the memory plan), none, cpu or disk (streamed).")
+]
+OffloadDirOpt = Annotated[Path | None, typer.Option("--offload-dir", help="--offload disk: where blocks are written.")]
+DeviceMemoryOpt = Annotated[
+    str | None, typer.Option("--device-memory", help="Device memory to plan for, e.g. 24GiB (default: the device's).")
+]
+CpuMemoryOpt = Annotated[
+    str | None, typer.Option("--cpu-memory", help="Host memory to plan for, e.g. 64GiB (default: the host's).")
+]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Windows per forward pass.")]
 RemoteOpt = Annotated[bool | None, typer.Option("--trust-remote-code", help="Run the model repo's own code.")]
 CalibOpt = Annotated[str | None, typer.Option(help="Calibration text: .txt, .jsonl, wikitext2 or c4.")]
@@ -106,6 +116,17 @@ EngineOpt = Annotated[
         "--engine",
         help="transformers (any format), vllm (only formats its kernels serve; fused tied) or llama.cpp (GGUF types).",
     ),
+]
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--executor",
+        help="serial, or ray: an actor pool (one actor per GPU, else CPU workers) measures in parallel "
+        "(pip install 'automp[ray]').",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="--executor ray: the cluster to join (default: a local one).")
 ]
 MaxEvalsOpt = Annotated[
     int | None, typer.Option("--max-evals", help="Evaluations for --refine, anneal and verification's refinement.")
@@ -219,6 +240,10 @@ def quantize(
     e2e_loss: E2ELossOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    offload: OffloadOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     batch_size: BatchOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the calibration windows.")] = None,
     trust_remote_code: RemoteOpt = None,
@@ -252,6 +277,10 @@ def eval_(
     seqlen: SeqlenOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    offload: OffloadOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     batch_size: BatchOpt = None,
     trust_remote_code: RemoteOpt = None,
     config: ConfigOpt = None,
@@ -311,8 +340,14 @@ def profile(
     correction: CorrectionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    offload: OffloadOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     batch_size: BatchOpt = None,
     trust_remote_code: RemoteOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -365,17 +400,25 @@ def search(
     eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Evaluation windows.")] = None,
     seqlen: Annotated[int | None, typer.Option("--seqlen", help="Window length (default: the profile's).")] = None,
     method: Annotated[str | None, typer.Option(help="Evaluator's quantizer: rtn or gptq.")] = None,
+    seq_finetune: Annotated[
+        bool | None,
+        typer.Option("--seq-finetune", help="Each evaluation: GPTQ block by block, downstream blocks fine-tuned."),
+    ] = None,
     switchable: Annotated[
         Path | None, typer.Option(help="Measure on this switchable model (automp switchable train): no quantizing.")
     ] = None,
     calib: Annotated[str | None, typer.Option(help="GPTQ calibration text (default: the profile's).")] = None,
     nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows.")] = None,
     metric: Annotated[str | None, typer.Option(help="Real loss: ppl or kl (to full precision).")] = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
     verify: Annotated[int | None, typer.Option("--verify", help="Evaluate the top K candidates for real.")] = None,
     refine: Annotated[bool | None, typer.Option("--refine", help="Local search on the real loss.")] = None,
     max_evals: MaxEvalsOpt = None,
     episodes: EpisodesOpt = None,
     state: Annotated[Path | None, typer.Option(help="reinforce / ppo: training state file (resumes).")] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -468,8 +511,14 @@ def run_(
     e2e_loss: E2ELossOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    offload: OffloadOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     batch_size: BatchOpt = None,
     trust_remote_code: RemoteOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -497,14 +546,20 @@ def report(
     seeds: Annotated[
         int, typer.Option("--seeds", help="Also re-run search + quantize + eval with N seeds (slow).")
     ] = 0,
+    executor: Annotated[
+        str, typer.Option("--executor", help="--seeds: serial, or ray (the seeds in parallel, one per worker).")
+    ] = "serial",
+    ray_address: RayAddressOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Write an HTML report with plots (sensitivity, allocation, frontier, RL curves) to RUN/report/."""
+    from automp.execution.executor import get_executor
     from automp.io import check_output
     from automp.report import REPORT_DIR, write_report
 
     check_output(run / REPORT_DIR, option="the report")
-    result = write_report(run, seeds=seeds)
+    with get_executor(executor, ray_address) as pool_executor:
+        result = write_report(run, seeds=seeds, executor=pool_executor)
     _emit(result, json_out, f"report written to {result['index']}")
 
 
@@ -539,6 +594,10 @@ def repair(
     seed: Annotated[int | None, typer.Option(help="Seed of the windows and the batch order.")] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    offload: OffloadOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     batch_size: BatchOpt = None,
     trust_remote_code: RemoteOpt = None,
     config: ConfigOpt = None,
@@ -651,6 +710,10 @@ def switchable_train(
     seed: Annotated[int | None, typer.Option(help="Seed of the windows, batches and random bitmaps.")] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    offload: OffloadOpt = None,
+    offload_dir: OffloadDirOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Windows per training pass.")] = None,
     trust_remote_code: RemoteOpt = None,
     config: ConfigOpt = None,
@@ -757,13 +820,8 @@ def plan(
     nsamples: NsamplesOpt = None,
     seqlen: SeqlenOpt = None,
     batch_size: BatchOpt = None,
-    device_memory: Annotated[
-        str | None,
-        typer.Option("--device-memory", help="Device memory, e.g. 24GiB (default: the CUDA device's, else host's)."),
-    ] = None,
-    cpu_memory: Annotated[
-        str | None, typer.Option("--cpu-memory", help="Host memory, e.g. 64GiB (default: this machine's).")
-    ] = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     dtype: DtypeOpt = None,
     device: Annotated[
         str | None, typer.Option(help="Device planned for: auto (cuda when this machine has one), cpu or cuda.")

@@ -19,14 +19,20 @@ quantized and measured for real. If that still does not beat uniform, the unifor
 delivered, and the record says so. Ties go to uniform. Every comparison is paired over the windows:
 ``delta_nll`` (candidate minus best uniform) and its standard error; ``significant`` marks a
 difference beyond 2 SE.
+
+With ``--executor ray`` the candidates are quantized and measured in parallel, each worker on its own
+copy of the model (:class:`PooledQuality`), and the refinement's evaluations run on the same workers
+(their ``AllocationEvaluator`` is built on that copy when refinement first asks). The numbers, and so
+the delivered allocation, are the serial run's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
+from functools import partial
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -37,11 +43,15 @@ from tqdm import tqdm
 from automp.allocation import Allocation
 from automp.errors import AutompError
 from automp.evaluate import Perplexity, paired_delta, perplexity
+from automp.execution.executor import Pool, get_executor
 from automp.search.gguf_recipes import BASE as RECIPES
 from automp.search.gguf_recipes import recipe
 from automp.search.knapsack import Knapsack
 from automp.search.problem import Problem, Solution
 from automp.sensitivity.table import PROXIES
+
+if TYPE_CHECKING:
+    from automp.quantize import GPTQConfig
 
 Kind = Literal["mixed", "uniform"]
 VERIFICATION_FILE = "verification.json"  # in an `automp run` directory
@@ -117,8 +127,55 @@ class RealQuality:
         self.evaluations += 1
         return perplexity(self.model, self.windows, self.batch_size, progress=False)
 
+    def imap(self, allocations: list[Allocation]) -> Iterator[Perplexity]:
+        """Every allocation measured, in order, one after the other."""
+        return (self(allocation) for allocation in allocations)
+
     def restore(self) -> None:
         self.model.load_state_dict(self.original)
+
+
+class _Verifier:
+    """One worker's share of a pooled verification: ``RealQuality`` on the worker's copy of the model and,
+    once refinement asks, an ``AllocationEvaluator`` (``evaluator(model)``) on the same copy."""
+
+    def __init__(
+        self, model: nn.Module, windows: torch.Tensor, quantize: Callable[[nn.Module, Allocation], object],
+        evaluator: Callable[[nn.Module], object], batch_size: int,
+    ) -> None:  # fmt: skip
+        self.quality = RealQuality(model, windows, quantize, batch_size)
+        self.make_evaluator, self._evaluator = evaluator, None
+
+    def measure(self, allocation: Allocation) -> Perplexity:
+        """``allocation`` quantized for real on this worker's model and measured (as ``RealQuality``)."""
+        if self._evaluator is not None:  # RealQuality restores the weights: the evaluator's swaps end here
+            self._evaluator.restore()
+            self._evaluator = None
+        return self.quality(allocation)
+
+    def evaluator(self):
+        """The refinement's evaluator on this worker's model, built on the original weights when first asked."""
+        if self._evaluator is None:
+            self.quality.restore()
+            self._evaluator = self.make_evaluator(self.quality.model)
+        return self._evaluator
+
+
+class PooledQuality:
+    """``RealQuality`` spread over a pool of :class:`_Verifier` workers; the same results, in order."""
+
+    def __init__(self, pool: Pool[_Verifier], windows: torch.Tensor) -> None:
+        self.pool, self.windows, self.evaluations = pool, windows, 0
+
+    def __call__(self, allocation: Allocation) -> Perplexity:
+        return list(self.imap([allocation]))[0]
+
+    def imap(self, allocations: list[Allocation]) -> Iterator[Perplexity]:
+        self.evaluations += len(allocations)
+        return self.pool.imap(_Verifier.measure, allocations)
+
+    def restore(self) -> None:
+        """Nothing to restore here: every worker restores its own model before each quantization."""
 
 
 def candidates(problem: Problem, solution: Solution) -> list[Candidate]:
@@ -221,7 +278,7 @@ def _solution(problem: Problem, choice: np.ndarray, solver: str) -> Solution:
 def verify_delivery(
     problem: Problem,
     solution: Solution,
-    measure: RealQuality,
+    measure: RealQuality | PooledQuality,
     *,
     text: str,
     method: str,
@@ -238,9 +295,9 @@ def verify_delivery(
 
     began = time.perf_counter()
     pool = candidates(problem, solution)
-    results = {}
-    for candidate in tqdm(pool, desc="verify", disable=not progress, leave=False):
-        results[candidate.label] = measure(candidate.solution.allocation)
+    measured = measure.imap([candidate.solution.allocation for candidate in pool])
+    bar = tqdm(measured, total=len(pool), desc="verify", disable=not progress, leave=False)
+    results = {candidate.label: result for candidate, result in zip(pool, bar, strict=True)}
     uniform = [c for c in pool if c.kind == "uniform"]
     mixed = [c for c in pool if c.kind == "mixed"]
     best_uniform = min(uniform, key=lambda c: _mean(results[c.label]), default=None)
@@ -310,35 +367,48 @@ def deliver(
     progress: bool = True,
 ) -> tuple[Solution, Verification]:  # fmt: skip
     """``automp run``'s verification: the search's result (a ``SearchResult``) against the other candidates,
-    each quantized with ``settings.method`` on ``model`` (its weights are restored afterwards)."""
-    from automp.quantize import GPTQConfig, quantize_
+    each quantized with ``settings.method`` on ``model`` (its weights are restored afterwards), on
+    ``settings.executor``'s workers."""
+    from automp.quantize import GPTQConfig
     from automp.search.evaluator import AllocationEvaluator
+    from automp.search.pooled import PooledEvaluator
 
     windows, text = held_out
     gptq = GPTQConfig.of(settings)
-
-    def quantize(target: nn.Module, allocation: Allocation) -> None:
-        quantize_(target, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=False)
-
-    def refine_evaluator() -> AllocationEvaluator:
-        method = "gptq" if settings.method == "gptq" else "rtn"  # AWQ's last step is RTN of the scaled weights
-        formats = problem.allowed or problem.table.formats
-        return AllocationEvaluator(
-            model, windows, formats, calib=calib, method=method, gptq=gptq, batch_size=settings.batch_size
-        )
-
+    quantize = partial(_quantize, settings.method, calib, gptq, settings.batch_size)
+    cached = partial(
+        AllocationEvaluator, windows=windows, formats=problem.allowed or problem.table.formats, calib=calib,
+        method="gptq" if settings.method == "gptq" else "rtn",  # AWQ's last step is RTN of the scaled weights
+        gptq=gptq, batch_size=settings.batch_size,
+    )  # fmt: skip
     found = _solution(problem, _choice(problem, result.formats), result.solver)
-    measure = RealQuality(model, windows, quantize, settings.batch_size)
-    try:
-        record = verify_delivery(
-            problem, found, measure, text=text, method=settings.method, refine_evaluator=refine_evaluator,
-            max_evals=settings.max_evals, progress=progress,
-        )  # fmt: skip
-    finally:
-        measure.restore()
+    verify = partial(
+        verify_delivery, problem, found, text=text, method=settings.method, max_evals=settings.max_evals,
+        progress=progress,
+    )  # fmt: skip
+    with get_executor(settings.executor, settings.ray_address) as executor:
+        if executor.remote:
+            with executor.pool(partial(_Verifier, model, windows, quantize, cached, settings.batch_size)) as pool:
+                refine_evaluator = partial(PooledEvaluator, pool, _Verifier.evaluator)
+                record = verify(PooledQuality(pool, windows), refine_evaluator=refine_evaluator)
+        else:
+            measure = RealQuality(model, windows, quantize, settings.batch_size)
+            try:
+                record = verify(measure, refine_evaluator=partial(cached, model))
+            finally:
+                measure.restore()
     delivered = next(c for c in record.candidates if c.label == record.delivered)
     chosen = replace(problem, proxy=delivered.proxy)
     return _solution(chosen, _choice(problem, delivered.formats), delivered.label), record
+
+
+def _quantize(
+    method: str, calib: torch.Tensor, gptq: GPTQConfig, batch_size: int, model: nn.Module, allocation: Allocation
+) -> None:
+    """``RealQuality``'s quantizer: ``model`` quantized in place as ``automp run`` delivers it."""
+    from automp.quantize import quantize_
+
+    quantize_(model, allocation, method, calib, gptq=gptq, batch_size=batch_size, progress=False)
 
 
 def _choice(problem: Problem, formats: dict[str, str]) -> np.ndarray:

@@ -157,8 +157,19 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    target = module.weight
-    target.data.copy_((weight.T if isinstance(module, Conv1D) else weight).to(target.dtype))
+    set_parameter(module, "weight", weight.T if isinstance(module, Conv1D) else weight)
+
+
+def set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set a parameter's (or buffer's) data in its own dtype; for a streamed block (``execution/offload.py``)
+    the value is written through to where the weight lives, not only to its onloaded copy."""
+    value = value.to(getattr(module, name).dtype)
+    if isinstance(module._parameters, dict):  # in memory (an offloaded module's tensors are an OffloadCache)
+        getattr(module, name).data.copy_(value)
+        return
+    from automp.execution.offload import write_through  # streamed: the offload knows where the tensor lives
+
+    write_through(module, name, value)
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -201,11 +212,14 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    offload: str = "none",
+    offload_dir: Path | None = None,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a local directory or a hub id; automp checkpoints are recognised.
 
     Weights load through safetensors (or ``torch.load(weights_only=True)`` inside transformers);
-    remote code runs only when asked for.
+    remote code runs only when asked for. ``offload`` ``cpu`` or ``disk`` streams the decoder blocks
+    (``execution/offload.py``): they stay there and come onto the device one at a time.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -227,7 +241,16 @@ def load_model(
             source, local_files_only=local_only, trust_remote_code=trust_remote_code
         )
         if (path / QUANT_FILE).is_file():
+            if offload != "none":
+                raise AutompError(f"{path} is an automp output: it loads in memory only (--offload none)")
             model = load_quantized(path, torch_dtype)
+        elif offload != "none":
+            from automp.execution.offload import load_streamed
+
+            model = load_streamed(
+                source, offload, dev, torch_dtype, offload_dir=offload_dir, local_only=local_only,
+                trust_remote_code=trust_remote_code,
+            )  # fmt: skip
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, local_files_only=local_only, trust_remote_code=trust_remote_code
@@ -245,7 +268,7 @@ def load_model(
         raise AutompError(f"could not load model {spec}: {err}") from err
     check_finite(model)
     model.eval()
-    return model.to(dev), tokenizer
+    return (model if offload != "none" else model.to(dev)), tokenizer
 
 
 def check_finite(model: nn.Module) -> None:

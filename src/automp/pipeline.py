@@ -27,6 +27,8 @@ from automp.data import load_windows
 from automp.errors import AutompError
 from automp.evaluate import perplexity
 from automp.execution.blocks import model_device
+from automp.execution.executor import get_executor
+from automp.execution.offload import is_streamed, load_planned
 from automp.export import REPORT_FILE, RunDir, export_run
 from automp.export.run_dir import SETTINGS_FILE
 from automp.formats import get_format
@@ -40,7 +42,6 @@ from automp.model import (
     inventory,
     inventory_for,
     lm_head_name,
-    load_model,
     max_positions,
     resolve_device,
 )
@@ -55,7 +56,6 @@ from automp.sensitivity.table import SensitivityTable
 from automp.settings import (
     EvalSettings,
     ExportSettings,
-    ModelSettings,
     ProfileSettings,
     QuantizeSettings,
     RepairSettings,
@@ -69,13 +69,6 @@ from automp.usage import peak_memory, reset_peak_memory, throughput
 
 def window_length(model, requested: int | None) -> int:
     return checked_seqlen(requested, max_positions(model))
-
-
-def _load(settings: ModelSettings):
-    torch.manual_seed(settings.seed)
-    return load_model(
-        settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
-    )
 
 
 def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
@@ -92,7 +85,8 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         check_output(settings.log_samples, "file", "--log-samples")
     with clock.stage("load"):
         tasks_dir = resolve_tasks_dir(settings.tasks_dir) if names and settings.backend == "automp" else None
-        model, tokenizer = _load(settings)
+        stages = ("load", *(["perplexity"] if settings.ppl else []), *(["tasks"] if names else []))
+        model, tokenizer = load_planned(settings, stages)
         windows = load_windows(settings.ppl, tokenizer, window_length(model, settings.seqlen)) if settings.ppl else None
     metrics: dict = {}
     tokens, seconds = 0, 0.0  # forwards timed for the throughput
@@ -113,7 +107,7 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                 )  # fmt: skip
                 tokens, seconds = tokens + cost.tokens, seconds + cost.seconds
     metrics.update(peak_memory(device), tokens_per_s=throughput(tokens, seconds), forward_tokens=tokens)
-    return {**metrics, "seconds": clock.total, "stage_seconds": clock.seconds}
+    return {**metrics, "streamed": is_streamed(model), "seconds": clock.total, "stage_seconds": clock.seconds}
 
 
 @dataclass
@@ -140,7 +134,9 @@ def quantize_model(
     ``settings.eval`` is given. Nothing is written but the repair's resumable state."""
     clock = clock or Stopwatch()
     with clock.stage("load"):
-        model, tokenizer = _load(settings)
+        stages = ["load", *([settings.method] if settings.method != "rtn" else []), "export"]
+        stages += ["repair"] * bool(settings.repair) + ["perplexity"] * bool(settings.eval)
+        model, tokenizer = load_planned(settings, tuple(stages), streams=not settings.repair)
         seqlen = window_length(model, settings.seqlen)
         named = allocation.formats if allocation is not None else ()  # a saved allocation's head and embedding
         inv = inventory_for(model, named, lm_head=settings.lm_head, embeddings=settings.embeddings)
@@ -183,6 +179,7 @@ def quantize_model(
         "lm_head_quantized": lm_head_name(model) in qweights,
         **({"repair": repaired.summary()} if repaired else {}),
         "embeddings_quantized": embedding_name(model) in qweights,
+        "streamed": is_streamed(model),
     }
     if windows is not None:
         with clock.stage("eval"):
@@ -303,7 +300,7 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
         if settings.schedule != "uniform" and table is None:
             raise AutompError(f"--schedule {settings.schedule} needs the sensitivity profile: {settings.run} has none; "
                               "give --profile FILE, or --schedule uniform")  # fmt: skip
-        reference, tokenizer = _load(settings)
+        reference, tokenizer = load_planned(settings, ("load", "repair"), streams=False)
         device = model_device(reference)
         stored = run_dir.quantized_weights()  # read once: the model is rebuilt from them
         model = load_quantized(Path(settings.run), next(reference.parameters()).dtype, stored).to(device)
@@ -355,7 +352,7 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
     check_output(settings.out)
     clock = Stopwatch()
     with clock.stage("load"):
-        model, tokenizer = _load(settings)
+        model, tokenizer = load_planned(settings, ("load", "profile", *(["profile.kl"] if settings.kl else [])))
         seqlen = window_length(model, settings.seqlen)
         formats = parse_formats(settings.formats)
         if settings.calib is None:
@@ -367,14 +364,15 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
             kl_windows = load_windows(kl_text, tokenizer, seqlen, settings.kl_windows, settings.seed + 1)
     out = Path(settings.out)
     work = out.parent / f".{out.name}.profile-work"
-    table = profile_model(
-        model, formats, calib,
-        model_name=settings.model,
-        calib_info=CalibInfo(spec=settings.calib, nsamples=len(calib), seqlen=seqlen, seed=settings.seed),
-        kl_windows=kl_windows, work_dir=work, gptq=GPTQConfig.of(settings),
-        batch_size=settings.batch_size, progress=progress, clock=clock, per_window=settings.per_window,
-        lm_head=settings.lm_head, embeddings=settings.embeddings,
-    )  # fmt: skip
+    with get_executor(settings.executor, settings.ray_address) as executor:
+        table = profile_model(
+            model, formats, calib,
+            model_name=settings.model,
+            calib_info=CalibInfo(spec=settings.calib, nsamples=len(calib), seqlen=seqlen, seed=settings.seed),
+            kl_windows=kl_windows, work_dir=work, gptq=GPTQConfig.of(settings),
+            batch_size=settings.batch_size, progress=progress, clock=clock, per_window=settings.per_window,
+            lm_head=settings.lm_head, embeddings=settings.embeddings, executor=executor,
+        )  # fmt: skip
     with staged_output(out) as staging:
         table.save(staging)
         if settings.per_window:
@@ -383,6 +381,7 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
             "layers": len(table.layers),
             "formats": table.formats,
             "kl": settings.kl,
+            "streamed": is_streamed(model),
             "seconds": clock.total,
             "stage_seconds": clock.seconds,
             "path": str(out / TABLE_FILE),
@@ -423,15 +422,18 @@ def search(settings: SearchSettings, windows: torch.Tensor | None = None) -> dic
         return {"frontier": curve, "solver": settings.solver, "proxy": settings.proxy, "seconds": clock.total}
     from automp.search.measure import build_evaluator, check_and_refine, solver_options
 
-    with clock.stage("evaluator"):  # only when something measures real quality (--eval)
-        evaluator = build_evaluator(settings, problem, windows)
-    with clock.stage("search"):
-        engine = get_solver(settings.solver, **options, **solver_options(settings))
-        solution = engine.solve(problem, seed=settings.seed, evaluator=evaluator)
-    extra: dict = {}
-    if evaluator is not None:  # --verify K, --refine, and the real loss of the result
-        with clock.stage("verify"):
-            solution, extra = check_and_refine(settings, problem, solution, evaluator)
+    with get_executor(settings.executor, settings.ray_address) as executor:  # its workers end with the block
+        with clock.stage("evaluator"):  # only when something measures real quality (--eval)
+            evaluator = build_evaluator(settings, problem, windows, executor)
+        with clock.stage("search"):
+            engine = get_solver(settings.solver, **options, **solver_options(settings))
+            solution = engine.solve(problem, seed=settings.seed, evaluator=evaluator)
+        extra: dict = {}
+        if evaluator is not None:  # --verify K, --refine, and the real loss of the result
+            with clock.stage("verify"):
+                solution, extra = check_and_refine(settings, problem, solution, evaluator)
+            if settings.seq_finetune:  # the cost of fine-tuning inside every evaluation
+                extra["seq_finetune"] = {"evaluations": evaluator.evaluations, "seconds": evaluator.seconds}
     result = SearchResult.of(problem, solution, profile=str(settings.profile), seed=settings.seed)
     with clock.stage("save"):
         write_file_atomic(settings.out, result.model_dump_json(indent=1))
@@ -584,7 +586,8 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
         model = calib = held_out = None  # loaded only when something measures real quality
         if _measures(settings):
             with clock.stage("load"):
-                model, tokenizer = _load(settings)
+                stages = ("load", *([settings.method] if settings.method != "rtn" else []))
+                model, tokenizer = load_planned(settings, stages)
                 seqlen = window_length(model, settings.seqlen)
                 calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
                 held_out = _verification_windows(settings, tokenizer, seqlen)

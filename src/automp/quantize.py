@@ -17,6 +17,7 @@ AWQ collects the scaled layers' Hessians for it; RTN, having no data, uses the d
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +27,17 @@ from tqdm import tqdm
 
 from automp.allocation import Allocation
 from automp.errors import AutompError
-from automp.execution.blocks import capture_block_inputs, hessian_hooks, model_device, propagate, run_block
-from automp.model import decoder_blocks, inventory_for, linear_weight, set_linear_weight
+from automp.execution.blocks import (
+    batches_on,
+    capture_block_inputs,
+    hessian_hooks,
+    model_device,
+    propagate,
+    run_block,
+    to_device,
+)
+from automp.execution.offload import is_streamed, keep_onloaded
+from automp.model import decoder_blocks, inventory_for, linear_weight, set_linear_weight, set_parameter
 from automp.quantizers.awq import awq_scale_block
 from automp.quantizers.gptq import gptq_quantize
 from automp.quantizers.lowrank import METHODS as CORRECTIONS
@@ -89,9 +99,10 @@ def quantize_(
 
 def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
     """Round float32 parameters to their 16-bit stored values (the quantized layers in ``skip`` excepted)."""
-    for name, param in model.named_parameters():
-        if param.dtype == torch.float32 and name.removesuffix(".weight") not in skip:
-            param.data.copy_(param.data.half().float())
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype == torch.float32 and f"{prefix}.{name}".lstrip(".").removesuffix(".weight") not in skip:
+                set_parameter(module, name, param.half().float())
 
 
 def _quantize_layers(
@@ -125,22 +136,29 @@ def _quantize_layers(
         quantize_layer(name, None)
     blocks = decoder_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    streamed, device = is_streamed(model), model_device(model)
+    if streamed:  # the plan's streaming mode: every window's block inputs wait on the host, a batch at a time goes over
+        inputs = to_device(inputs, torch.device("cpu"))
     for index, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress, leave=False)):
         names = [name for name in todo if block_of[name] == index]
-        if method == "awq":
-            awq_scale_block(block, inputs, {modules[name]: allocation.format_of(name) for name in names}, awq.clip)
-        hessians = dict.fromkeys(names)
-        # AWQ rounds with RTN: it needs Hessians for the +rN corrections only
-        hooked = [name for name in names if method == "gptq" or allocation.format_of(name).rank]
-        if hooked:
-            with hessian_hooks({name: modules[name] for name in hooked}) as found:
-                for _ in run_block(block, inputs):
-                    pass
-            hessians |= found
-        for name in names:
-            quantize_layer(name, hessians[name])
-        outputs = run_block(block, inputs)
-        inputs = propagate(inputs, list(outputs))
+        with keep_onloaded() if streamed else contextlib.nullcontext():  # a streamed block is read once
+            if method == "awq":  # its scale search holds every window's inputs on the device, streamed or not
+                formats = {modules[name]: allocation.format_of(name) for name in names}
+                awq_scale_block(block, to_device(inputs, device) if streamed else inputs, formats, awq.clip)
+            hessians = dict.fromkeys(names)
+            # AWQ rounds with RTN: it needs Hessians for the +rN corrections only
+            hooked = [name for name in names if method == "gptq" or allocation.format_of(name).rank]
+            if hooked:
+                with hessian_hooks({name: modules[name] for name in hooked}) as found:
+                    for _ in run_block(block, batches_on(inputs, device) if streamed else inputs):
+                        pass
+                hessians |= found
+            for name in names:
+                quantize_layer(name, hessians[name])
+                if streamed:  # the codes wait on the host for the checkpoint, not on the device
+                    out[name] = out[name].to("cpu")
+            outputs = run_block(block, batches_on(inputs, device) if streamed else inputs)
+            inputs = propagate(inputs, [output.cpu() if streamed else output for output in outputs])
         if after_block is not None:  # block i's outputs are fixed now; the blocks after it may still change
             after_block(index)
     for name in [name for name in todo if block_of[name] == len(blocks)]:  # lm_head, after the final norm

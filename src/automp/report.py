@@ -16,7 +16,8 @@ table of the run's metrics. Sections:
   resamples of the calibration windows that keep each layer's format, blocks x roles, with the 95 %
   confidence interval of the allocation's predicted loss in the title;
 * **seeds** (``--seeds N`` only): the final PPL of N runs of search + quantize + evaluate with seeds
-  0..N-1, as a box plot. Each seed re-quantizes the model, so this is the slow section.
+  0..N-1, as a box plot. Each seed re-quantizes the model, so this is the slow section; with
+  ``--executor ray`` the seeds run in parallel, one whole run per worker (serially inside it).
 
 A section whose input is missing says so on the page instead of failing the report.
 """
@@ -28,21 +29,29 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from automp.errors import AutompError
+from automp.execution.executor import Executor, SerialExecutor
 from automp.formats import get_format
 from automp.sensitivity.table import TABLE_FILE, SensitivityTable
+
+if TYPE_CHECKING:
+    from automp.settings import RunSettings
 
 REPORT_DIR = "report"
 CURVE_SUFFIX = ".curve.json"
 REFERENCE_FORMATS = ("w4g128", "w4g64", "w4", "w3g128")  # preferred reference for the sensitivity map
 
 
-def write_report(run_dir: Path, seeds: int = 0, progress: bool = True) -> dict:
-    """Write ``run_dir/report/index.html`` and its PNGs; returns the page's path and each section's state."""
+def write_report(run_dir: Path, seeds: int = 0, progress: bool = True, executor: Executor | None = None) -> dict:
+    """Write ``run_dir/report/index.html`` and its PNGs; returns the page's path and each section's state.
+    ``executor`` (default: serial) runs the seeds."""
     from automp.io import staged_output
     from automp.pipeline import ALLOCATION_FILE
     from automp.search.result import SearchResult
@@ -68,7 +77,8 @@ def write_report(run_dir: Path, seeds: int = 0, progress: bool = True) -> dict:
         ("stability", "Calibration stability (bootstrap)", lambda path: _stability(run_dir, table, path)),
     ]
     if seeds:
-        sections.append(("seeds", "Final PPL across seeds", lambda path: _seeds(run_dir, seeds, path, progress)))
+        draw = partial(_seeds, run_dir, seeds, progress=progress, executor=executor or SerialExecutor())
+        sections.append(("seeds", "Final PPL across seeds", draw))
     out = run_dir / REPORT_DIR
     states: dict[str, str] = {}
     parts = [f"<h1>automp report: {html.escape(str(run_dir.resolve().name))}</h1>", _metrics_table(metrics, table)]
@@ -309,8 +319,8 @@ def _stability(run_dir: Path, table: SensitivityTable, path: Path) -> str | None
     return None
 
 
-def _seeds(run_dir: Path, count: int, path: Path, progress: bool) -> str | None:
-    ppls = seed_ppls(run_dir, count, progress)
+def _seeds(run_dir: Path, count: int, path: Path, *, progress: bool, executor: Executor) -> str | None:
+    ppls = seed_ppls(run_dir, count, progress, executor)
     if not ppls:
         return "The run has no evaluation text (--eval), so there is no PPL to compare across seeds."
     plt = _pyplot()
@@ -325,32 +335,50 @@ def _seeds(run_dir: Path, count: int, path: Path, progress: bool) -> str | None:
     return None
 
 
-def seed_ppls(run_dir: Path, count: int, progress: bool = True) -> list[float]:
+def seed_ppls(run_dir: Path, count: int, progress: bool = True, executor: Executor | None = None) -> list[float]:
     """Final PPL of the run repeated with seeds 0..count-1 (solver, calibration and verification windows).
 
     Each seed is a whole ``automp run`` with the run's own settings (``automp_config.json``), search and
     verification included, on its cached sensitivity table; nothing is kept but the numbers. Empty when
-    the run had no evaluation text.
+    the run had no evaluation text. ``executor`` (default: serial) runs the seeds; on a remote one each
+    seed is one job, run serially on its worker.
     """
     import tempfile
 
-    from automp.pipeline import run
-    from automp.sensitivity.windows import WINDOWS_FILE
     from automp.settings import RunSettings
 
     settings = RunSettings.model_validate_json((run_dir / "automp_config.json").read_text())
     if settings.eval is None:
         return []
-    ppls = []
+    executor = executor or SerialExecutor()
+    if executor.remote:  # a worker runs its seed itself: no pool inside a pool
+        settings = settings.model_copy(update={"executor": "serial", "ray_address": None})
     scratch = Path(tempfile.mkdtemp(prefix="automp-seeds-"))
     try:
-        for seed in range(count):
-            out = scratch / f"seed-{seed}"
-            out.mkdir()
-            for name in (TABLE_FILE, WINDOWS_FILE):  # the measured table is reused, not measured again
-                if (run_dir / name).is_file():
-                    shutil.copyfile(run_dir / name, out / name)
-            ppls.append(run(settings.model_copy(update={"out": out, "seed": seed}), progress=progress)["ppl"])
+        with executor.pool(partial(_Rerun, run_dir, settings, scratch, progress and not executor.remote)) as pool:
+            ppls = pool.map(_Rerun.ppl, range(count))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return [p for p in ppls if math.isfinite(p)]
+
+
+@dataclass
+class _Rerun:
+    """``run_dir``'s run repeated under other seeds, each in its own directory under ``scratch``."""
+
+    run_dir: Path
+    settings: RunSettings
+    scratch: Path
+    progress: bool
+
+    def ppl(self, seed: int) -> float:
+        """The final PPL of the run under ``seed``, on the run's cached sensitivity table."""
+        from automp.pipeline import run
+        from automp.sensitivity.windows import WINDOWS_FILE
+
+        out = self.scratch / f"seed-{seed}"
+        out.mkdir()
+        for name in (TABLE_FILE, WINDOWS_FILE):  # the measured table is reused, not measured again
+            if (self.run_dir / name).is_file():
+                shutil.copyfile(self.run_dir / name, out / name)
+        return run(self.settings.model_copy(update={"out": out, "seed": seed}), progress=self.progress)["ppl"]

@@ -41,6 +41,21 @@ def _with_engine_formats(settings):
     return settings
 
 
+class ExecutorOptions(BaseModel):
+    """Where independent measurements run (``execution/executor.py``): here, one after the other, or on a Ray
+    actor pool (``--executor ray``: profile layers, search evaluations, verification candidates, seeds)."""
+
+    executor: Literal["serial", "ray"] = "serial"
+    ray_address: str | None = None  # --executor ray: the cluster to join (default: start a local one)
+
+    @model_validator(mode="after")
+    def _executor_available(self):
+        from automp.execution.executor import get_executor
+
+        get_executor(self.executor, self.ray_address)  # before any work: --ray-address alone, Ray not installed
+        return self
+
+
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +66,11 @@ class ModelSettings(BaseModel):
     seqlen: int | None = None  # default: 2048 capped at the model's maximum positions
     batch_size: int = 8
     seed: int = 0
+    # the memory plan (execution/plan.py) every command consults, and where the decoder blocks wait when streamed
+    offload: Literal["auto", "none", "cpu", "disk"] = "auto"  # auto: in memory when the plan says it fits
+    offload_dir: Path | None = None  # --offload disk: where the blocks are written (default: a temporary directory)
+    device_memory: str | None = None  # e.g. 24GiB; default: the CUDA device's total, else the host's memory
+    cpu_memory: str | None = None  # default: the host's physical memory
 
 
 class EvalSettings(ModelSettings):
@@ -109,7 +129,7 @@ class QuantizeSettings(ModelSettings, RepairOptions):
         return get_format(value).name
 
 
-class ProfileSettings(ModelSettings):
+class ProfileSettings(ModelSettings, ExecutorOptions):
     """``automp profile``: the sensitivity table of every layer x format, written to ``out``."""
 
     out: Path
@@ -150,7 +170,7 @@ class BudgetSettings(BaseModel):
     engine: Engine = "transformers"  # vllm: only what its kernels serve, fused tied; llama.cpp: GGUF types
 
 
-class SearchSettings(BudgetSettings):
+class SearchSettings(BudgetSettings, ExecutorOptions):
     """``automp search``: one allocation for a budget (saved to ``out``), or a ``frontier`` curve."""
 
     model_config = ConfigDict(extra="forbid")
@@ -173,7 +193,10 @@ class SearchSettings(BudgetSettings):
     eval: str | None = None  # held-out evaluation text (never the calibration text)
     eval_windows: int = 8
     seqlen: int | None = None  # default: the profile's
+    dtype: str = "auto"  # the evaluator's model, as ModelSettings loads it
+    device: str = "auto"
     method: Literal["rtn", "gptq"] = "rtn"  # how the evaluator quantizes each layer
+    seq_finetune: bool = False  # every evaluation: GPTQ block by block, the downstream blocks fine-tuned after each
     switchable: Path | None = None  # evaluate on this trained switchable model instead (no quantization per candidate)
     calib: str | None = None  # GPTQ's calibration text; default: the profile's
     nsamples: int = 128
@@ -198,7 +221,7 @@ class SearchSettings(BudgetSettings):
         return pins
 
 
-class RunSettings(ModelSettings, BudgetSettings, RepairOptions):
+class RunSettings(ModelSettings, BudgetSettings, RepairOptions, ExecutorOptions):
     """``automp run``: profile (reused when cached), search, verify, quantize the delivered allocation,
     evaluate, into ``out``."""
 

@@ -69,6 +69,27 @@ def propagate(inputs: BlockInputs, outputs: list[torch.Tensor]) -> BlockInputs:
     return [with_hidden(args, kwargs, hidden) for (args, kwargs), hidden in zip(inputs, outputs, strict=True)]
 
 
+def to_device(inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """Every batch's input, its tensors (nested in tuples, lists and dicts too) moved to ``device``."""
+    return list(batches_on(inputs, device))
+
+
+def batches_on(inputs: BlockInputs, device: torch.device) -> Iterator[tuple[tuple, dict]]:
+    """Each batch's input moved to ``device`` as it is used (a streamed run keeps the inputs on the host)."""
+    for args, kwargs in inputs:
+        yield _moved(args, device), _moved(kwargs, device)
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
+
+
 def hidden_of(inputs: BlockInputs) -> list[torch.Tensor]:
     """The hidden states of each batch's input."""
     return [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]

@@ -815,7 +815,11 @@ def shortfall(plan: MemoryPlan, stage: str, mode: Mode) -> str:
 
 
 def _gib(size: int) -> str:
-    return f"{size / GIB:.1f} GiB"
+    """A size in GiB, or MiB / KiB when smaller (a tiny model's figures still read as numbers)."""
+    for unit, name in ((GIB, "GiB"), (2**20, "MiB")):
+        if size >= unit:
+            return f"{size / unit:.1f} {name}"
+    return f"{size / 2**10:.1f} KiB"
 
 
 def plan_table(plan: MemoryPlan) -> str:

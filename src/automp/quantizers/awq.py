@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from automp.formats import Format
-from automp.model import linear_weight, role_of, set_linear_weight
+from automp.model import linear_weight, role_of, set_linear_weight, set_parameter
 from automp.quantizers.awq_clip import clip_weight, run_with_hooks, sample_inputs
 from automp.quantizers.rtn import rtn_quantize
 
@@ -192,8 +192,8 @@ def apply_scales(group: ScaleGroup, scales: torch.Tensor) -> None:
     if group.repeat > 1:  # the heads of a kv group share their scales (see _shared): one per v row
         inverse = inverse.view(-1, group.repeat, group.head_dim)[:, 0].reshape(-1)
     if isinstance(prev, nn.Linear):
-        prev.weight.data.copy_((prev.weight.float() * inverse.unsqueeze(1)).to(prev.weight.dtype))
+        set_parameter(prev, "weight", prev.weight.float() * inverse.unsqueeze(1))
     else:
-        prev.weight.data.copy_((prev.weight.float() * inverse).to(prev.weight.dtype))
+        set_parameter(prev, "weight", prev.weight.float() * inverse)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data.copy_((prev.bias.float() * inverse).to(prev.bias.dtype))
+        set_parameter(prev, "bias", prev.bias.float() * inverse)

@@ -90,12 +90,13 @@ def gptq_quantize(
         raise AutompError(f"GPTQ: the Hessian is not positive definite ({err}); raise the damping") from err
 
     Q = torch.zeros_like(W)
+    columns = order.tolist()  # read once: indexing the device tensor per column would wait for the GPU each time
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(order[i1 + i])
+            col = columns[i1 + i]
             grp = col // g
             if not static and col % g == 0:  # first column of a group: fit on the updated weights
                 fitted = fit_params(fmt, W1[:, i : i + g])

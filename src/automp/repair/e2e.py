@@ -104,8 +104,10 @@ def e2e_scales_(
     train, val = batches[:-held_out], batches[-held_out:]
     device = next(model.parameters()).device
 
+    dtypes = {name: model.get_submodule(name).weight.dtype for name in scales}  # a bf16/fp16 model computes in its own
+
     def weights() -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": s() + corrections.get(name, 0) for name, s in scales.items()}
+        return {f"{name}.weight": (s() + corrections.get(name, 0)).to(dtypes[name]) for name, s in scales.items()}
 
     def loss_on(ids: torch.Tensor, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
         ids = ids.to(device)

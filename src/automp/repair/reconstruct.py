@@ -168,9 +168,12 @@ def _train_block(
     held_out = max(1, round(len(inputs) * config.val_fraction))
     train, val = list(range(len(inputs) - held_out)), list(range(len(inputs) - held_out, len(inputs)))
 
+    dtypes = {key: block.get_parameter(key).dtype for key in layer_of}  # a bf16/fp16 block computes in its own
+
     def loss_on(i: int, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
         args, kwargs = inputs[i]
-        output = functional_call(block, weights or {}, args, kwargs)
+        weights = {key: weight.to(dtypes[key]) for key, weight in (weights or {}).items()}
+        output = functional_call(block, weights, args, kwargs)
         output = output[0] if isinstance(output, tuple) else output
         return F.mse_loss(output.float(), targets[i].float())
 

@@ -9,6 +9,12 @@ from ``t_start`` to ``t_end`` over the evaluation budget. The best allocation se
 the result is never worse on the real loss than the start.
 
 Deterministic for a seed. ``evaluations`` counts every real evaluation, the start's included.
+
+With an evaluator that runs several evaluations at once (``--executor ray``), the next proposals are
+drawn ahead along the path on which each one is rejected (the most likely path once the temperature
+is low) and evaluated in one batch. Walking through the results in order, the first accepted
+proposal ends the batch: the random generator is put back where the serial run has it, and later
+results are dropped. So the path, curve and result are the serial run's for the same seed.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 
 from automp.errors import AutompError
 from automp.search.knapsack import Knapsack
-from automp.search.problem import Evaluator, Problem, Solution
+from automp.search.problem import Evaluator, Problem, Solution, evaluate_all, parallel_width
 from automp.search.space import DecisionSpace, format_option
 
 MAX_DRAWS = 1000  # proposals drawn per evaluation before the search gives up (no feasible move left)
@@ -54,22 +60,47 @@ class Anneal:
         best, best_loss = current.copy(), current_loss
         rng = np.random.default_rng(seed)
         curve = [{"evaluation": 0, "loss": current_loss, "best": best_loss, "temperature": None, "accepted": True}]
-        for step in range(1, self.max_evals):
-            proposal = _propose(space, current, rng)
-            if proposal is None:
-                break
-            temperature = self.t_start * (self.t_end / self.t_start) ** ((step - 1) / max(1, self.max_evals - 2))
-            loss = evaluator(space.allocation(proposal))
-            increase = (loss - current_loss) / max(abs(current_loss), 1e-12)
-            accepted = increase <= 0 or rng.random() < math.exp(-increase / temperature)
-            if accepted:
-                current, current_loss = proposal, loss
-            if loss < best_loss:
-                best, best_loss = proposal.copy(), loss
-            curve.append(
-                {"evaluation": step, "loss": loss, "best": best_loss, "temperature": temperature, "accepted": accepted}
-            )
+        width, exhausted = parallel_width(evaluator), False
+        while len(curve) < self.max_evals and not exhausted:
+            ahead, exhausted = _propose_ahead(space, current, rng, min(width, self.max_evals - len(curve)))
+            losses = evaluate_all(evaluator, [space.allocation(proposal) for proposal, _state in ahead])
+            for (proposal, state), loss in zip(ahead, losses, strict=True):
+                step = len(curve)
+                rng.bit_generator.state = state  # where the serial run stands after drawing this proposal
+                temperature = self.t_start * (self.t_end / self.t_start) ** ((step - 1) / max(1, self.max_evals - 2))
+                increase = (loss - current_loss) / max(abs(current_loss), 1e-12)
+                accepted = increase <= 0 or rng.random() < math.exp(-increase / temperature)
+                if loss < best_loss:
+                    best, best_loss = proposal.copy(), loss
+                curve.append(
+                    {
+                        "evaluation": step,
+                        "loss": loss,
+                        "best": best_loss,
+                        "temperature": temperature,
+                        "accepted": accepted,
+                    }
+                )
+                if accepted:  # the proposals drawn after this one assumed it rejected: drop them
+                    current, current_loss, exhausted = proposal, loss, False
+                    break
         return space.solution(best, self.name, time.perf_counter() - start_time, evaluations=len(curve), curve=curve)
+
+
+def _propose_ahead(
+    space: DecisionSpace, actions: np.ndarray, rng: np.random.Generator, count: int
+) -> tuple[list[tuple[np.ndarray, dict]], bool]:
+    """Up to ``count`` proposals from ``actions``, each drawn after the previous one was rejected (a
+    rejection draws one uniform number), with the generator's state right after each proposal; and
+    whether the proposals ran out (no feasible move left)."""
+    ahead = []
+    for _ in range(count):
+        proposal = _propose(space, actions, rng)
+        if proposal is None:
+            return ahead, True
+        ahead.append((proposal, rng.bit_generator.state))
+        rng.random()
+    return ahead, False
 
 
 def _propose(space: DecisionSpace, actions: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:

@@ -13,19 +13,28 @@ the measured quality would reward fitting the calibration data.
 
 Every figure goes into the command's JSON. The final allocation's real loss is measured once more,
 and the learning curve of a learned solver is written beside the output as ``<out>.curve.json``.
+
+``--executor ray`` builds one evaluator per worker (``search/pooled.py``): ``--verify``'s candidates
+and the speculative batches of ``--refine`` and anneal are measured in parallel, and every other
+evaluation (reinforce and ppo episodes, which each depend on the last) runs on one worker. The
+results, and so the allocation, are the serial run's for the same seed; ``total_evaluations`` also
+counts the speculative evaluations a batch dropped.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from automp.data import load_windows, sources
 from automp.errors import AutompError
+from automp.execution.executor import Executor
 from automp.io import write_file_atomic
 from automp.search.evaluator import AllocationEvaluator
+from automp.search.pooled import PooledEvaluator
 from automp.search.problem import Problem, Solution
 from automp.search.verify import candidates, proxy_scores, refine, verify
 
@@ -48,30 +57,51 @@ def solver_options(settings) -> dict:
     return options
 
 
-def build_evaluator(settings, problem: Problem, windows: torch.Tensor | None = None) -> AllocationEvaluator | None:
+def build_evaluator(
+    settings, problem: Problem, windows: torch.Tensor | None = None, executor: Executor | None = None
+) -> AllocationEvaluator | PooledEvaluator | None:
     """The evaluator the settings ask for, or None when nothing measures real quality.
 
     ``windows``: held-out evaluation windows to use instead of ``settings.eval`` (``automp run``'s
-    verification windows, held out from calibration by construction)."""
+    verification windows, held out from calibration by construction). With a remote ``executor``
+    every worker loads the model and the windows itself and builds its own evaluator
+    (``PooledEvaluator``); otherwise the evaluator lives in this process."""
     if not wants_evaluator(settings):
+        if settings.seq_finetune:
+            raise AutompError("--seq-finetune fine-tunes inside real evaluations: use it with --solver ppo, reinforce "
+                              "or anneal, --verify or --refine")  # fmt: skip
         return None
-    from automp.model import load_model
-
     table = problem.table
-    calib_spec = settings.calib or table.calib.spec
     if windows is None:  # held-out text given as --eval: check it is not calibration text
         if settings.eval is None:
             raise AutompError(
                 f"--solver {settings.solver} / --verify / --refine measure real quality: give --eval TEXT (held out)"
             )
+        calib_spec = settings.calib or table.calib.spec
         for spec in {*sources(table.calib.spec), *sources(calib_spec)}:
             if any(_same_text(text, spec) for text in sources(settings.eval)):
                 raise AutompError(f"--eval {settings.eval} is the calibration text; evaluate on held-out text")
         if settings.eval_windows < 1:
             raise AutompError("--eval-windows must be at least 1")
-    if settings.switchable is not None:
-        return _switchable_evaluator(settings, problem, windows)
-    model, tokenizer = load_model(settings.model or table.model)
+    if settings.seq_finetune and (settings.method != "gptq" or settings.switchable is not None):
+        raise AutompError("--seq-finetune quantizes each candidate with GPTQ while fine-tuning: give --method gptq "
+                          "(and no --switchable)")  # fmt: skip
+    if settings.seq_finetune and executor is not None and executor.remote:
+        raise AutompError("--seq-finetune trains inside every evaluation in this process: leave out --executor ray")
+    local = _switchable_evaluator if settings.switchable is not None else _local_evaluator
+    build = partial(local, settings, problem, windows)
+    if executor is None or not executor.remote:
+        return build()
+    return PooledEvaluator(executor.pool(build))
+
+
+def _local_evaluator(settings, problem: Problem, windows: torch.Tensor | None) -> AllocationEvaluator:
+    """The ``AllocationEvaluator`` of ``build_evaluator``, with the model loaded here."""
+    from automp.model import load_model
+
+    table = problem.table
+    calib_spec = settings.calib or table.calib.spec
+    model, tokenizer = load_model(settings.model or table.model, dtype=settings.dtype, device=settings.device)
     if windows is None:
         seqlen = settings.seqlen or table.calib.seqlen
         windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
@@ -80,6 +110,10 @@ def build_evaluator(settings, problem: Problem, windows: torch.Tensor | None = N
         nsamples = settings.nsamples if settings.calib else table.calib.nsamples
         calib = load_windows(calib_spec, tokenizer, windows.shape[1], nsamples, table.calib.seed)
     formats = problem.allowed or table.formats
+    if settings.seq_finetune:  # the PPO prototype's quantize-then-fine-tune step (repair/seq_finetune.py)
+        from automp.repair.seq_finetune import FinetunedEvaluator
+
+        return FinetunedEvaluator(model, windows, formats, calib=calib, metric=settings.metric)
     return AllocationEvaluator(model, windows, formats, calib=calib, method=settings.method, metric=settings.metric)
 
 
@@ -89,7 +123,7 @@ def _switchable_evaluator(settings, problem: Problem, windows: torch.Tensor | No
     from automp.switchable.commands import open_switchable
     from automp.switchable.evaluator import SwitchableEvaluator
 
-    sw, tokenizer = open_switchable(settings.switchable)
+    sw, tokenizer = open_switchable(settings.switchable, settings.dtype, settings.device)
     suffix = f"+r{sw.spec.rank}"
     wrong = [f for f in problem.allowed or problem.table.formats if f != "fp16" and not f.endswith(suffix)]
     if wrong:
@@ -106,7 +140,7 @@ def _switchable_evaluator(settings, problem: Problem, windows: torch.Tensor | No
 
 
 def check_and_refine(
-    settings, problem: Problem, solution: Solution, evaluator: AllocationEvaluator
+    settings, problem: Problem, solution: Solution, evaluator: AllocationEvaluator | PooledEvaluator
 ) -> tuple[Solution, dict]:
     """``--verify`` and ``--refine`` on ``solution``; the (possibly better) solution and the figures."""
     extra: dict = {

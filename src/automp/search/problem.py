@@ -76,11 +76,25 @@ class Solution:
 
 
 class Evaluator(Protocol):
-    """Real quality of an allocation (e.g. perplexity on held-out windows); lower is better."""
+    """Real quality of an allocation (e.g. perplexity on held-out windows); lower is better.
+
+    An evaluator that runs evaluations in parallel (``search.pooled.PooledEvaluator``) also has
+    ``workers`` (how many at the same time) and ``map(allocations) -> list[float]``."""
 
     evaluations: int
 
     def __call__(self, allocation: Allocation) -> float: ...
+
+
+def evaluate_all(evaluator: Evaluator, allocations: list[Allocation]) -> list[float]:
+    """The real loss of every allocation, in order: one parallel batch when the evaluator has ``map``."""
+    batch = getattr(evaluator, "map", None)
+    return batch(allocations) if batch is not None else [float(evaluator(a)) for a in allocations]
+
+
+def parallel_width(evaluator: Evaluator) -> int:
+    """How many evaluations ``evaluator`` runs at the same time (1 for an evaluator in this process)."""
+    return getattr(evaluator, "workers", 1)
 
 
 class Solver(Protocol):

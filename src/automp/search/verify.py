@@ -9,6 +9,11 @@
   (one group up a format, another down, within the budget) in order of predicted gain and takes
   the first that really improves. It repeats this until no move improves or the evaluation budget
   is spent. Nothing is evaluated twice.
+
+With an evaluator that runs several evaluations at once (``--executor ray``), ``verify`` measures
+the candidates in one batch, and ``refine`` evaluates the next moves in batches of that width,
+speculatively: it keeps the results up to the first improving move and drops the rest, so its path,
+curve and count of evaluations are the serial run's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from scipy.stats import spearmanr
 
 from automp.errors import AutompError
 from automp.search.knapsack import Knapsack
-from automp.search.problem import Evaluator, Problem, Solution
+from automp.search.problem import Evaluator, Problem, Solution, evaluate_all, parallel_width
 from automp.search.space import DecisionSpace
 from automp.sensitivity.table import PROXIES, SensitivityTable
 
@@ -34,7 +39,7 @@ def verify(candidates: list[Solution], evaluator: Evaluator, proxies: dict[str, 
     for name, scores in proxies.items():
         if len(scores) != len(candidates):
             raise AutompError(f"proxy {name} scores {len(scores)} candidates, not {len(candidates)}")
-    real = [float(evaluator(candidate.allocation)) for candidate in candidates]
+    real = evaluate_all(evaluator, [candidate.allocation for candidate in candidates])
     spearman = {name: _rank_correlation(scores, real) for name, scores in proxies.items()}
     return {"real": real, "spearman": spearman, "best": int(np.argmin(real)), "evaluations": len(candidates)}
 
@@ -79,22 +84,23 @@ def refine(solution: Solution, problem: Problem, evaluator: Evaluator, max_evals
     current = space.actions_of(solution.choice)
     seen = {tuple(current): evaluator(space.allocation(current))}
     curve = [{"evaluation": 0, "loss": seen[tuple(current)], "best": seen[tuple(current)], "move": None}]
+    width = parallel_width(evaluator)
     improved = True
     while improved and len(seen) < max_evals:
         improved = False
-        for move in _moves(space, current):
-            proposal = _apply(space, current, move)
-            if tuple(proposal) in seen:
-                continue
-            loss = evaluator(space.allocation(proposal))
-            seen[tuple(proposal)] = loss
-            best = min(curve[-1]["best"], loss)
-            curve.append({"evaluation": len(curve), "loss": loss, "best": best, "move": list(move)})
-            if loss < seen[tuple(current)]:
-                current, improved = proposal, True
-                break
-            if len(seen) >= max_evals:
-                break
+        moves = [(move, _apply(space, current, move)) for move in _moves(space, current)]
+        moves = [(move, proposal) for move, proposal in moves if tuple(proposal) not in seen]
+        while moves and not improved and len(seen) < max_evals:
+            take = min(width, max_evals - len(seen))
+            batch, moves = moves[:take], moves[take:]
+            losses = evaluate_all(evaluator, [space.allocation(proposal) for _move, proposal in batch])
+            for (move, proposal), loss in zip(batch, losses, strict=True):
+                seen[tuple(proposal)] = loss
+                best = min(curve[-1]["best"], loss)
+                curve.append({"evaluation": len(curve), "loss": loss, "best": best, "move": list(move)})
+                if loss < seen[tuple(current)]:  # the first improving move is taken; later results are dropped
+                    current, improved = proposal, True
+                    break
     return space.solution(
         current, f"{solution.solver}+refine", time.perf_counter() - began, evaluations=len(seen), curve=curve
     )

@@ -1,8 +1,9 @@
 """The measurement pass behind ``automp profile``: one pass over calibration data, then every layer x
 format measured, saved as a :class:`SensitivityTable`.
 
-**Pre-pass** (once per model). Every calibration window gets its own forward and backward pass
-through the full-precision model. Forward hooks on each inventory layer accumulate
+**Pre-pass** (once per model; ``sensitivity/prepass.py``, block by block for a streamed model). Every
+calibration window gets its own forward and backward pass through the full-precision model. Forward
+hooks on each inventory layer accumulate
 
 * the moments of the layer's *input* (abs-mean, std, max |x|, kurtosis), and
 * its input Hessian ``H = X^T X / n`` (``HessianAccumulator``, as GPTQ uses it).
@@ -74,11 +75,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,17 +89,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from automp.checkpoint import _dense_tensors
 from automp.errors import AutompError
 from automp.execution.blocks import model_device
+from automp.execution.executor import Executor, SerialExecutor
+from automp.execution.offload import is_streamed
 from automp.formats import Format
 from automp.model import EMBED_ROLE, Inventory, LayerInfo, inventory, linear_weight, set_linear_weight
 from automp.quantize import GPTQConfig
-from automp.quantizers.gptq import HessianAccumulator, gptq_quantize
+from automp.quantizers.gptq import gptq_quantize
 from automp.quantizers.qweight import CorrectedWeight, QWeight
 from automp.quantizers.rtn import rtn_quantize
+from automp.sensitivity.prepass import Moments, Prepass, collect_prepass
 from automp.sensitivity.table import CalibInfo, FormatCost, LayerStats, SensitivityTable
 from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts, load_codes, measure_windows, save_codes
 
@@ -130,6 +133,7 @@ def profile_model(
     per_window: bool = False,
     lm_head: bool = False,
     embeddings: bool = False,
+    executor: Executor | None = None,
 ) -> SensitivityTable:
     """Measure every inventory layer of ``model`` in every format; see the module docstring.
 
@@ -138,7 +142,9 @@ def profile_model(
     number of windows per forward pass for KL (the pre-pass goes one window at a time). Without
     ``work_dir`` a temporary one is used and removed. ``per_window`` also writes the per-window costs
     to ``work_dir / WINDOWS_FILE`` (read them with ``WindowCosts.load``); it needs a ``work_dir``.
-    ``lm_head`` / ``embeddings`` add the output head / the token embedding as layers.
+    ``lm_head`` / ``embeddings`` add the output head / the token embedding as layers. ``executor``
+    (default: serial) measures the layers; a remote one copies the model and the pre-pass to each of
+    its workers and gives the same table.
     """
     inv = inventory(model, include_lm_head=lm_head, include_embeddings=embeddings)
     _check_inputs(inv, formats, calib)
@@ -149,13 +155,18 @@ def profile_model(
             "per-window costs (--per-window, --bootstrap) are not measured for the token embedding: "
             "leave out --embeddings, or the per-window terms"
         )
+    if is_streamed(model) and (embeddings or per_window):
+        raise AutompError(
+            "a streamed profile (--offload cpu/disk) measures the decoder's linears and the lm_head: leave out "
+            "--embeddings and the per-window terms (--per-window, --bootstrap), or use --offload none"
+        )
     gptq = gptq or GPTQConfig()
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="automp-profile-") as tmp:
             return profile_model(
                 model, formats, calib, model_name=model_name, calib_info=calib_info, kl_windows=kl_windows,
                 work_dir=Path(tmp), gptq=gptq, batch_size=batch_size, progress=progress, clock=clock,
-                lm_head=lm_head, embeddings=embeddings,
+                lm_head=lm_head, embeddings=embeddings, executor=executor,
             )  # fmt: skip
 
     stage = clock.stage if clock is not None else _no_stage
@@ -163,22 +174,26 @@ def profile_model(
     _open_work_dir(work, _manifest(model_name, inv, formats, calib, calib_info, kl_windows, gptq))
     with stage("prepass"):
         if not (work / PREPASS_JSON).is_file():
-            _save_prepass(work, _prepass(model, inv, calib, progress))
+            _save_prepass(work, collect_prepass(model, inv, calib, progress))
         prepass = _load_prepass(work, model_device(model))  # always from disk: a resumed run sees the same values
 
     todo = [layer for layer in inv.layers if not _layer_path(work, layer.name).is_file()]
     if todo:
-        probe = None
-        if kl_windows is not None:
-            with stage("kl"):
-                probe = _KLProbe(model, kl_windows, batch_size)
-        for layer in tqdm(todo, desc="profile layers", disable=not progress, leave=False):
-            codes = {} if per_window else None
-            record = _measure_layer(model, layer, formats, prepass, gptq, probe, stage, codes)
-            if codes is not None:  # before the layer's JSON: a finished layer always has its codes
-                save_codes(_codes_path(work, layer.name), codes)
-            _write_atomic(_layer_path(work, layer.name), json.dumps(record, indent=1))
-        probe = None
+        executor = executor or SerialExecutor()
+        if executor.remote and is_streamed(model):
+            raise AutompError("--executor ray copies the model to every worker: profile it with --offload none")
+        # a remote worker's stages are not this process's wall time: the whole loop is timed as "layers"
+        worker = partial(
+            _LayerWorker, model, formats, prepass, gptq, kl_windows, batch_size, per_window,
+            _no_stage if executor.remote else stage,
+        )  # fmt: skip
+        with stage("layers") if executor.remote else contextlib.nullcontext(), executor.pool(worker) as pool:
+            measured = pool.imap(_LayerWorker.measure, todo)
+            bar = tqdm(measured, total=len(todo), desc="profile layers", disable=not progress, leave=False)
+            for layer, (record, codes) in zip(todo, bar, strict=True):
+                if codes is not None:  # before the layer's JSON: a finished layer always has its codes
+                    save_codes(_codes_path(work, layer.name), codes)
+                _write_atomic(_layer_path(work, layer.name), json.dumps(record, indent=1))
     if per_window and not (work / WINDOWS_FILE).is_file():
         prepass = None  # the pre-pass accumulators are not needed any more: free them first
         with stage("per_window"):
@@ -254,141 +269,6 @@ def _no_stage(_name: str):
 # ---- the pre-pass -----------------------------------------------------------------------------
 
 
-class Moments:
-    """Streaming float64 moments of every element seen: abs-mean, std, max |x| and kurtosis."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.sums = torch.zeros(4, dtype=torch.float64)  # sum x, x^2, x^3, x^4
-        self.abs_sum = 0.0
-        self.abs_max = 0.0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().double().flatten()
-        self.count += x.numel()
-        x2 = x * x
-        self.sums += torch.stack([x.sum(), x2.sum(), (x2 * x).sum(), (x2 * x2).sum()]).cpu()
-        self.abs_sum += float(x.abs().sum())
-        self.abs_max = max(self.abs_max, float(x.abs().max()))
-
-    def summary(self) -> dict[str, float]:
-        """Population std and Pearson kurtosis E[(x-mu)^4] / var^2 (3 for a Gaussian; 0 if constant)."""
-        s1, s2, s3, s4 = (float(v) / self.count for v in self.sums)
-        var = max(s2 - s1 * s1, 0.0)
-        m4 = s4 - 4 * s1 * s3 + 6 * s1 * s1 * s2 - 3 * s1**4
-        return {
-            "absmean": self.abs_sum / self.count,
-            "std": math.sqrt(var),
-            "max": self.abs_max,
-            "kurtosis": m4 / (var * var) if var > 0 else 0.0,
-        }
-
-
-@dataclass
-class Prepass:
-    hessians: dict[str, torch.Tensor]  # layer -> (in, in) input Hessian X^T X / n; embedding: (vocab,) diagonal
-    grads: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of dL_i/dW
-    fisher: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of (dL_i/dW)^2
-    output_fisher: dict[str, torch.Tensor]  # layer -> (out,) T * mean over windows of sum_t (dL_i/dy_t)^2;
-    # embedding: (vocab, hidden), the sum over the tokens of each row
-    activations: dict[str, dict[str, float]]  # layer -> Moments.summary() of its input
-
-
-def _prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bool) -> Prepass:
-    """One forward + backward per calibration window through the full-precision model."""
-    modules = {layer.name: model.get_submodule(layer.name) for layer in inv.layers}
-    weights = {name: module.weight for name, module in modules.items()}
-    accumulators = {layer.name: _Accumulator.of(layer, weights[layer.name].device) for layer in inv.layers}
-    grads = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
-    fisher = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
-    hooks = [module.register_forward_hook(accumulators[name].hook) for name, module in modules.items()]
-    # gradients are needed for the layer weights only; every other parameter is frozen meanwhile
-    flags = {param: param.requires_grad for param in model.parameters()}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for weight in weights.values():
-        weight.requires_grad_(True)
-    try:
-        for window in tqdm(calib, desc="profile pre-pass", disable=not progress, leave=False):
-            ids = window.unsqueeze(0).to(model_device(model))
-            with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits.float()
-                loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
-                window_grads = torch.autograd.grad(loss, list(weights.values()))
-            for name, grad in zip(weights, window_grads, strict=True):
-                grad = grad.float()
-                grads[name] += grad
-                fisher[name] += grad * grad
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-    n, loss_tokens = len(calib), calib.shape[1] - 1
-    return Prepass(
-        hessians={name: acc.hessian() for name, acc in accumulators.items()},
-        grads={name: _out_in(modules[name], grads[name] / n) for name in modules},
-        fisher={name: _out_in(modules[name], fisher[name] / n) for name in modules},
-        output_fisher={name: acc.output_fisher * (loss_tokens / n) for name, acc in accumulators.items()},
-        activations={name: acc.moments.summary() for name, acc in accumulators.items()},
-    )
-
-
-@dataclass
-class _Accumulator:
-    """What a forward hook gathers for one layer: its Hessian, activation moments and squared output gradients.
-
-    A linear layer keeps ``H = X^T X / n`` of its inputs and the (out,) sums of ``(dL/dy_o)^2``; the token
-    embedding keeps its token counts (the diagonal of ``H`` for one-hot inputs) and the (vocab, hidden)
-    sums of ``(dL/dy_th)^2`` over the tokens of each row, and the moments of its output."""
-
-    embedding: bool
-    moments: Moments
-    output_fisher: torch.Tensor
-    inputs: HessianAccumulator | None = None  # linear layers
-    counts: torch.Tensor | None = None  # the embedding: (vocab,) calibration tokens per row
-
-    @classmethod
-    def of(cls, layer: LayerInfo, device: torch.device) -> _Accumulator:
-        if layer.role == EMBED_ROLE:
-            rows = torch.zeros(layer.out_features, layer.in_features, device=device)  # (vocab, hidden)
-            counts = torch.zeros(layer.out_features, device=device, dtype=torch.float64)  # (vocab,)
-            return cls(True, Moments(), rows, counts=counts)
-        inputs = HessianAccumulator(layer.in_features, device)
-        return cls(False, Moments(), torch.zeros(layer.out_features, device=device), inputs=inputs)
-
-    def hook(self, _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if self.embedding:
-            ids = inputs[0].detach().reshape(-1)  # (T,)
-            self.counts += torch.bincount(ids, minlength=len(self.counts)).to(self.counts)
-            self.moments.add(output)
-            if output.requires_grad:  # each token's dL/dy goes to the row it looked up
-                output.register_hook(lambda grad: self._add_rows(ids, grad))
-            return
-        x = inputs[0].detach()
-        self.inputs.add(x)
-        self.moments.add(x)
-        if output.requires_grad:  # dL/dY passes through here on the way to dL/dW
-            output.register_hook(self._add_outputs)
-
-    def _add_outputs(self, grad: torch.Tensor) -> None:
-        self.output_fisher += grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(0)
-
-    def _add_rows(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
-        self.output_fisher.index_add_(0, ids, grad.detach().float().pow(2).reshape(len(ids), -1))
-
-    def hessian(self) -> torch.Tensor:
-        """``X^T X / n``; for the embedding its diagonal, each row's share of the calibration tokens."""
-        if self.embedding:
-            return (self.counts / self.counts.sum()).float()
-        return self.inputs.hessian
-
-
-def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor as (out, in), like ``linear_weight`` (GPT-2's Conv1D stores (in, out))."""
-    return tensor.T.contiguous() if isinstance(module, Conv1D) else tensor
-
-
 def _save_prepass(work: Path, prepass: Prepass) -> None:
     tensors = {}
     for kind in PREPASS_KINDS:
@@ -438,6 +318,35 @@ class _KLProbe:
             set_linear_weight(module, original)
         # KL >= 0; a nearly lossless layer can read a hair below zero from float32 rounding noise
         return max(total / tokens, 0.0)
+
+
+class _LayerWorker:
+    """What measures layers, in this process or on a remote worker: the model, the pre-pass and the KL
+    probe (its reference log-probabilities computed where the worker runs)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        formats: list[Format],
+        prepass: Prepass,
+        gptq: GPTQConfig,
+        kl_windows: torch.Tensor | None,
+        batch_size: int,
+        per_window: bool,
+        stage,
+    ) -> None:
+        self.model, self.formats, self.prepass, self.gptq = model, formats, prepass, gptq
+        self.per_window, self.stage = per_window, stage
+        self.probe = None
+        if kl_windows is not None:
+            with stage("kl"):
+                self.probe = _KLProbe(model, kl_windows, batch_size)
+
+    def measure(self, layer: LayerInfo) -> tuple[dict, dict[str, QWeight] | None]:
+        """``_measure_layer``'s record of ``layer``, and its GPTQ codes when ``per_window`` keeps them."""
+        codes = {} if self.per_window else None
+        record = _measure_layer(self.model, layer, self.formats, self.prepass, self.gptq, self.probe, self.stage, codes)
+        return record, codes
 
 
 def _measure_layer(

@@ -20,6 +20,7 @@ from automp.checkpoint import model_bytes, save_quantized
 from automp.data import load_heldout_windows, load_windows
 from automp.errors import AutompError
 from automp.evaluate import perplexity
+from automp.execution.offload import load_planned
 from automp.export.run_dir import SETTINGS_FILE
 from automp.io import check_output, staged_output, write_file_atomic
 from automp.model import linear_weight, load_model, set_linear_weight
@@ -51,9 +52,7 @@ def train(settings: SwitchableTrainSettings, progress: bool = True) -> dict:
     formats = [name.strip() for name in settings.formats.split(",") if name.strip()]
     clock = Stopwatch()
     with clock.stage("load"):
-        torch.manual_seed(settings.seed)
-        model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device,
-                                      trust_remote_code=settings.trust_remote_code)  # fmt: skip
+        model, tokenizer = load_planned(settings, ("load", "repair"), streams=False)
         seqlen = window_length(model, settings.seqlen)
         spec = SwitchableSpec(model=settings.model, formats=formats, method=settings.method, rank=settings.rank,
                               init=settings.init, calib=settings.calib, nsamples=settings.nsamples, seqlen=seqlen,
