@@ -38,6 +38,20 @@ whole run: a stage is skipped once a GPTQ time of its shape predicts it would no
 one still running when the limit comes is stopped (``time limit``). Every stage runs in its own try, so a
 failure costs only its row. After every stage ``gpu.json`` (settings, rows, the targets) and ``gpu.md`` (the
 tables) are rewritten in ``--out``, so a killed run keeps what it measured.
+
+On a lent GPU (the device tool: one ``run`` with ``carry: [".whl"]``, ``timeout_s: 600``), first fetch the wheels
+the device image lacks, here::
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+      llmcompressor==0.14.0.1 compressed-tensors==0.19.0 datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 \
+      pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 loguru==0.7.3
+
+then run the gpu test set and this benchmark in one command::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+      export PYTHONPATH=/tmp/site:$PWD/src && timeout 200 python3 -m pytest -m gpu tests/test_gpu.py \
+      -p no:cacheprovider | tee $OUT/pytest-gpu.txt | tail -25; python3 bench/gpu.py --out $OUT --time-limit 340
 """
 
 from __future__ import annotations
