@@ -209,13 +209,3 @@ def _temporary_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="automp-offload-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
-@contextlib.contextmanager
-def paused(hooks_on: list[bool]) -> Iterator[None]:
-    """Switch a shared on/off flag off for the body (hook callbacks check ``hooks_on[0]``)."""
-    hooks_on[0] = False
-    try:
-        yield
-    finally:
-        hooks_on[0] = True
