@@ -76,18 +76,10 @@ def to_device(inputs: BlockInputs, device: torch.device) -> BlockInputs:
 
 def batches_on(inputs: BlockInputs, device: torch.device) -> Iterator[tuple[tuple, dict]]:
     """Each batch's input moved to ``device`` as it is used (a streamed run keeps the inputs on the host)."""
+    from compressed_tensors.offload.utils import send_tensors  # streaming's library, imported only there
+
     for args, kwargs in inputs:
-        yield _moved(args, device), _moved(kwargs, device)
-
-
-def _moved(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_moved(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _moved(item, device) for key, item in value.items()}
-    return value
+        yield send_tensors(args, device), send_tensors(kwargs, device)
 
 
 def hidden_of(inputs: BlockInputs) -> list[torch.Tensor]:
