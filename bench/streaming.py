@@ -17,7 +17,10 @@ and host bytes together. Stages:
 * ``gptq``: ``quantize_`` with GPTQ, every linear in ``--format``, ``--nsamples`` calibration windows;
 * ``profile``: ``profile_model`` (the pre-pass of the hessian, outgrad, fisher and grad proxies, then every layer x
   format), formats ``--formats``;
-* ``perplexity``: the first ``--eval-windows`` windows of WikiText-2 in batches of ``--batch-size``.
+* ``perplexity``: the first ``--eval-windows`` windows of WikiText-2 in batches of ``--batch-size``;
+* ``repair``: GPTQ as in ``gptq``, then Block-AP (``repair_``, ``--repair-epochs`` per block: memory does not depend
+  on it) towards the full-precision model, a second copy in memory or streamed from its own offload; the plan's
+  figure is the larger of its ``gptq`` and ``repair`` stages.
 
 "identical" compares the streamed run's stored codes / sensitivity table / NLL with the in-memory run's, exactly.
 """
@@ -25,6 +28,7 @@ and host bytes together. Stages:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -39,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import CALIB, WIKITEXT, markdown_table, report  # noqa: E402
 
-STAGES = ("gptq", "profile", "perplexity")
+STAGES = ("gptq", "profile", "perplexity", "repair")
+PLAN_STAGES = {"gptq": ("gptq",), "profile": ("profile",), "perplexity": ("perplexity",), "repair": ("gptq", "repair")}
 
 
 def main() -> None:
@@ -53,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--repair-epochs", type=float, default=1.0)
     parser.add_argument("--device-memory", help="default: 5 %% above each stage's streaming figure")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "OFFLOAD"), help=argparse.SUPPRESS)
@@ -65,13 +71,14 @@ def main() -> None:
     from automp.execution.plan import memory_plan
 
     stages = args.stages.split(",")
-    plan_stages = {"gptq": "gptq", "profile": "profile", "perplexity": "perplexity"}
     workload = dict(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device="cpu")
-    plan = memory_plan(args.model, formats=args.formats, stages=",".join(plan_stages[s] for s in stages), **workload)
+    planned = sorted({name for stage in stages for name in PLAN_STAGES[stage]})
+    plan = memory_plan(args.model, formats=args.formats, stages=",".join(planned), **workload)
 
     def total(mode: str, stage: str) -> int:
-        figures = plan.modes[mode][plan_stages[stage]]
-        return figures.device_bytes + figures.cpu_bytes
+        return max(
+            plan.modes[mode][name].device_bytes + plan.modes[mode][name].cpu_bytes for name in PLAN_STAGES[stage]
+        )
 
     rows = []
     for stage in stages:
@@ -101,7 +108,8 @@ def _run_child(args, stage: str, offload: str, budget: str) -> dict:
     command = [sys.executable, __file__, "--model", args.model, "--data", args.data, "--work", args.work,
                "--format", args.format, "--formats", args.formats, "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--eval-windows",
-               str(args.eval_windows), "--device-memory", budget, "--child", stage, offload]  # fmt: skip
+               str(args.eval_windows), "--repair-epochs", str(args.repair_epochs), "--device-memory", budget,
+               "--child", stage, offload]  # fmt: skip
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see the module docstring
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -119,6 +127,7 @@ def _child(args, stage: str, offload: str) -> None:
     from automp.execution.offload import plan_offload
     from automp.model import inventory, load_model
     from automp.quantize import quantize_
+    from automp.repair import ReconstructConfig, RepairConfig, repair_
     from automp.sensitivity.profile import profile_model
     from automp.sensitivity.table import CalibInfo
 
@@ -127,7 +136,7 @@ def _child(args, stage: str, offload: str) -> None:
     calib = load_windows(str(Path(args.data) / CALIB), tokenizer, args.seqlen, args.nsamples, 0)
     windows = load_windows(str(Path(args.data) / WIKITEXT), tokenizer, args.seqlen)[: args.eval_windows]
     workload = dict(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device="cpu")
-    auto = plan_offload(args.model, "auto", ("load", stage), formats=args.formats,
+    auto = plan_offload(args.model, "auto", ("load", *PLAN_STAGES[stage]), formats=args.formats,
                         device_memory=args.device_memory, **workload)  # fmt: skip
     baseline = _rss()
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
@@ -135,9 +144,16 @@ def _child(args, stage: str, offload: str) -> None:
     work = Path(args.work) / f"{stage}-{offload}"
     shutil.rmtree(work, ignore_errors=True)  # a profile resumes from its work directory: start afresh
     model, _ = load_model(args.model, device="cpu", offload=offload, offload_dir=work / "offload")
-    if stage == "gptq":
+    if stage in ("gptq", "repair"):
+        reference = None
+        if stage == "repair":  # the full-precision model repair trains towards, as `automp quantize --repair` has it
+            reference = copy.deepcopy(model) if offload == "none" else load_model(
+                args.model, device="cpu", offload=offload, offload_dir=work / "reference")[0]  # fmt: skip
         allocation = Allocation.uniform(inventory(model), args.format)
         stored = quantize_(model, allocation, "gptq", calib, batch_size=args.batch_size, progress=False)
+        if reference is not None:
+            config = RepairConfig(("block-ap",), reconstruct=ReconstructConfig(epochs=args.repair_epochs))
+            repair_(model, stored, reference, calib, config, progress=False)
         digest = _digest(b"".join(_bytes(q) for _, q in sorted(stored.items())))
     elif stage == "profile":
         from automp.formats import parse_formats

@@ -17,7 +17,10 @@ row repairs a copy of it with ``automp.repair`` (``--rows``, in order):
 * ``sign-round-selfgen``: sign rounding trained on windows sampled from the full-precision model
   (``--train-data self-generated``) instead of the calibration text;
 * ``seq-finetune``: GPTQ again from full precision, the blocks downstream trained (8 steps of KL to the
-  full-precision model, lr 1e-4) after each block is quantized (``--repair seq-finetune``).
+  full-precision model, lr 1e-4) after each block is quantized (``--repair seq-finetune``);
+* ``adapter-rN`` (e.g. ``adapter-r8``, ``adapter-r16``): no training; GPTQ again with every quantized layer's
+  format given a rank-N low-rank correction (``+rN``, fitted with the activation-aware ``exact`` estimator,
+  bench/repair.py). These rows cost more bits: their "bits" column counts the corrections' fp16 factors.
 
 Training uses the 128 calibration windows of ``calib/wiki.txt`` (the last eighth held out for early
 stopping); nothing is tuned on the test texts. Each row is evaluated on the full WikiText-2 test text
@@ -42,7 +45,7 @@ from allocation import FORMATS  # noqa: E402
 from automp.allocation import Allocation  # noqa: E402
 from automp.data import load_windows  # noqa: E402
 from automp.evaluate import perplexity  # noqa: E402
-from automp.formats import parse_formats  # noqa: E402
+from automp.formats import get_format, parse_formats  # noqa: E402
 from automp.model import inventory  # noqa: E402
 from automp.quantize import quantize_  # noqa: E402
 from automp.repair import E2EConfig, ReconstructConfig, RepairConfig, repair_  # noqa: E402
@@ -52,7 +55,10 @@ from automp.sensitivity.profile import profile_model  # noqa: E402
 from automp.sensitivity.table import CalibInfo  # noqa: E402
 from common import CALIB, IN_DOMAIN, Bench, RowCache, mark_deltas, markdown_table, report, score_both  # noqa: E402
 
-ROWS = "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen,seq-finetune"
+ROWS = (
+    "gptq,block-ap,sign-round,block-ap-sgra,block-ap-joint,block-ap+e2e-qp,sign-round-selfgen,seq-finetune,"
+    "adapter-r8,adapter-r16"
+)
 CONFIGS = {  # row -> (methods, schedule, train data)
     "block-ap": (("block-ap",), "uniform", "calib"),
     "sign-round": (("sign-round",), "uniform", "calib"),
@@ -90,8 +96,8 @@ def main() -> None:
     gptq_state = copy.deepcopy(model.state_dict())
     table = None
 
-    def evaluate(key: str, repaired: torch.nn.Module, extra: dict) -> dict:
-        row = {"key": key, "label": key, "avg_bits": allocation.avg_bits(inv), **extra}
+    def evaluate(key: str, repaired: torch.nn.Module, extra: dict, scored: Allocation = allocation) -> dict:
+        row = {"key": key, "label": key, "avg_bits": scored.avg_bits(inv), **extra}
         row |= score_both(repaired, bench, indomain, indomain_fp)
         return cache.put(key, row)
 
@@ -108,6 +114,12 @@ def main() -> None:
                 start = time.perf_counter()
                 quantize_(model, allocation, "gptq", bench.calib, progress=False, after_block=tuner)
                 row = evaluate(key, model, {"seconds": time.perf_counter() - start})
+            elif key.startswith("adapter-r"):
+                corrected = _with_rank(allocation, int(key.removeprefix("adapter-r")))
+                model = bench.reset()
+                start = time.perf_counter()
+                quantize_(model, corrected, "gptq", bench.calib, progress=False)
+                row = evaluate(key, model, {"seconds": time.perf_counter() - start}, corrected)
             else:
                 methods, schedule, data = CONFIGS[key]
                 if schedule != "uniform" and table is None:
@@ -139,6 +151,15 @@ def main() -> None:
     payload = {"model": args.model, "scheme": args.allocation or args.scheme, "fp16_ppl": bench.baseline.ppl,
                "rows": [{k: v for k, v in r.items() if k not in ("nll", "indomain_nll")} for r in rows]}  # fmt: skip
     report("training repair", payload, markdown_table(rows, columns), args.out)
+
+
+def _with_rank(allocation: Allocation, rank: int) -> Allocation:
+    """Every quantized layer's format with a rank-``rank`` low-rank correction."""
+    return Allocation(
+        formats={
+            name: f"{fmt}+r{rank}" if get_format(fmt).quantized else fmt for name, fmt in allocation.formats.items()
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from automp.report import write_report
 from automp.search.bootstrap import BOOTSTRAP_FILE, BootstrapResult, bootstrap, resolve
 from automp.search.knapsack import Knapsack
 from automp.search.problem import Problem
-from automp.sensitivity.profile import PREPASS_TENSORS, profile_model
+from automp.sensitivity.prepass import Prepass
+from automp.sensitivity.profile import PREPASS_DIR, profile_model
 from automp.sensitivity.table import CalibInfo, SensitivityTable
 from automp.sensitivity.windows import WINDOWS_FILE, WindowCosts
 
@@ -72,9 +73,7 @@ def test_one_windows_terms_match_direct_computation(setup):
     handle.remove()
     grad = module.weight.grad.double()
     model.zero_grad(set_to_none=True)
-    from safetensors.torch import load_file
-
-    hessian = load_file(work / PREPASS_TENSORS)[f"{DOWN}:hessians"]
+    hessian = Prepass(work / PREPASS_DIR).layer(DOWN).hessian
     weight = linear_weight(module).detach()
     x, dy = captured["x"], captured["dy"]  # (T, in), (T, out)
     layer = [lay.name for lay in table.layers].index(DOWN)

@@ -23,7 +23,8 @@ from automp.quantize import quantize_
 from automp.quantizers.rtn import rtn_quantize
 from automp.search.evaluator import AllocationEvaluator
 from automp.search.gguf_recipes import recipe
-from automp.sensitivity.profile import PREPASS_TENSORS, profile_model
+from automp.sensitivity.prepass import Prepass
+from automp.sensitivity.profile import PREPASS_DIR, profile_model
 from automp.sensitivity.table import PROXIES, CalibInfo
 from automp.settings import SearchSettings
 from conftest import save_tiny_run
@@ -104,14 +105,12 @@ def profiled(trained_dir, tmp_path_factory):
     calib = load_windows(str(trained_dir.parent / "calib.txt"), tokenizer, SEQLEN, nsamples=6, seed=0)
     kl_windows = load_windows(str(trained_dir.parent / "eval.txt"), tokenizer, SEQLEN, nsamples=2, seed=1)
     work = tmp_path_factory.mktemp("profile-embed")
-    from safetensors.torch import load_file
-
     table = profile_model(
         model, parse_formats(FORMATS), calib, model_name=str(trained_dir),
         calib_info=CalibInfo(spec="calib.txt", nsamples=6, seqlen=SEQLEN, seed=0), kl_windows=kl_windows,
         work_dir=work, progress=False, lm_head=True, embeddings=True,
     )  # fmt: skip
-    return model, calib, table, load_file(work / PREPASS_TENSORS)
+    return model, calib, table, Prepass(work / PREPASS_DIR)
 
 
 def test_profile_measures_every_proxy_for_the_embedding_and_the_head(profiled):
@@ -136,7 +135,7 @@ def test_embedding_proxies_match_a_direct_per_token_computation(profiled):
     embedding = model.get_submodule(EMBED)
     weight = embedding.weight.detach().clone()
     counts = torch.bincount(calib.flatten(), minlength=weight.shape[0]).double()
-    assert torch.allclose(prepass[f"{EMBED}:hessians"].double(), counts / calib.numel(), atol=1e-7)
+    assert torch.allclose(prepass.layer(EMBED).hessian.double(), counts / calib.numel(), atol=1e-7)
     grads = []
 
     def keep_output_grad(_module, _inputs, output) -> None:

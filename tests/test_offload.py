@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 from automp.errors import AutompError
 from automp.execution.offload import is_streamed, plan_offload, stream_blocks
 from automp.execution.plan import memory_plan
-from automp.model import inventory
+from automp.model import decoder_blocks, inventory
 from automp.pipeline import evaluate, profile, quantize
-from automp.sensitivity.prepass import collect_prepass
+from automp.sensitivity.prepass import TENSORS, collect_prepass
 from automp.settings import EvalSettings, ProfileSettings, QuantizeSettings
 
 CONFIG = dict(  # the blocks' weights dominate: sixteen of them, a small vocabulary
@@ -106,21 +106,40 @@ def test_streamed_prepass_gradients_equal_full_backward(config, tmp_path):
     model = AutoModelForCausalLM.from_config(config).eval()
     inv = inventory(model, include_lm_head=True)
     calib = torch.randint(0, 384, (3, 16))
-    full = collect_prepass(model, inv, calib, progress=False)
-    streamed_model = stream_blocks(model, "disk", torch.device("cpu"), tmp_path)
+    full = collect_prepass(model, inv, calib, tmp_path / "full", progress=False)
+    streamed_model = stream_blocks(model, "disk", torch.device("cpu"), tmp_path / "offload")
     assert is_streamed(streamed_model)
-    streamed = collect_prepass(streamed_model, inv, calib, progress=False)
-    for kind in ("hessians", "grads", "fisher", "output_fisher"):
-        ours, reference = getattr(streamed, kind), getattr(full, kind)
-        assert all(torch.equal(ours[name], reference[name]) for name in reference), kind
-    assert streamed.activations == full.activations
+    streamed = collect_prepass(streamed_model, inv, calib, tmp_path / "streamed", progress=False)
+    assert len(set(streamed.index.values())) == len(decoder_blocks(model)) + 1  # a file per block, one for the head
+    for layer in inv.layers:
+        ours, reference = streamed.layer(layer.name), full.layer(layer.name)
+        for kind in TENSORS:
+            assert torch.equal(getattr(ours, kind), getattr(reference, kind)), (layer.name, kind)
+        assert ours.activations == reference.activations
+
+
+def test_streamed_block_repair_equals_in_memory(model_dir, tmp_path):
+    """``quantize --repair block-ap`` streamed: each block trains as an onloaded copy, the reference streams from its
+    own offload, and the repaired codes equal the in-memory run's."""
+    runs = {}
+    for offload in ("none", "disk"):
+        settings = _settings(QuantizeSettings, model_dir, tmp_path, "repair", offload, 0, scheme="w2g32",
+                             method="gptq", calib=str(model_dir.parent / "calib.txt"), nsamples=8, repair="block-ap",
+                             repair_epochs=8)  # fmt: skip
+        runs[offload] = quantize(settings, progress=False)
+    assert runs["disk"]["streamed"] and not runs["none"]["streamed"]
+    repaired = {offload: {k: v for k, v in run["repair"].items() if k != "seconds"} for offload, run in runs.items()}
+    assert repaired["disk"] == repaired["none"]  # the same block losses and steps
+    assert repaired["disk"]["block_loss_end"] < repaired["disk"]["block_loss_start"]
+    stored = {offload: load_file(tmp_path / f"repair-{offload}" / "quantized.safetensors") for offload in runs}
+    assert all(torch.equal(stored["disk"][key], stored["none"][key]) for key in stored["none"])
 
 
 def test_streaming_refusals(model_dir, tmp_path):
     calib = str(model_dir.parent / "calib.txt")
-    with pytest.raises(AutompError, match="training repair runs in memory only"):
+    with pytest.raises(AutompError, match="--repair e2e-qp runs in memory only, but you asked for --offload disk"):
         quantize(_settings(QuantizeSettings, model_dir, tmp_path, "r", "disk", 0, scheme="w3g32", method="gptq",
-                           calib=calib, nsamples=4, repair="block-ap"), progress=False)  # fmt: skip
+                           calib=calib, nsamples=4, repair="block-ap,e2e-qp"), progress=False)  # fmt: skip
     assert not (tmp_path / "r-disk").exists()
     with pytest.raises(AutompError, match="streamed profile"):
         profile(_settings(ProfileSettings, model_dir, tmp_path, "p", "disk", 0, formats="w3g32", embeddings=True,

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import automp.sensitivity.profile as profile_mod
@@ -20,7 +19,8 @@ from automp.formats import parse_formats
 from automp.model import inventory, linear_weight, load_model, set_linear_weight
 from automp.quantize import quantize_
 from automp.quantizers.gptq import gptq_quantize
-from automp.sensitivity.profile import PREPASS_TENSORS, profile_model
+from automp.sensitivity.prepass import Prepass
+from automp.sensitivity.profile import PREPASS_DIR, profile_model
 from automp.sensitivity.table import CalibInfo, SensitivityTable
 
 FORMATS = "w2g64,w3g128,w4g128,w8,fp16"
@@ -40,7 +40,7 @@ def setup(trained_dir, tmp_path_factory):
         model, parse_formats(FORMATS), calib, model_name="trained", calib_info=info,
         kl_windows=kl_windows, work_dir=work, progress=False,
     )  # fmt: skip
-    return model, calib, kl_windows, info, table, load_file(work / PREPASS_TENSORS)
+    return model, calib, kl_windows, info, table, Prepass(work / PREPASS_DIR)
 
 
 def _inputs(model, name: str, calib: torch.Tensor) -> torch.Tensor:
@@ -74,10 +74,10 @@ def test_output_err_is_the_gptq_objective_on_calibration_inputs(setup):
     model, calib, *_, table, prepass = setup
     x = _inputs(model, DOWN, calib)
     hessian = x.T @ x / len(x)
-    assert torch.allclose(prepass[f"{DOWN}:hessians"].double(), hessian, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(prepass.layer(DOWN).hessian.double(), hessian, rtol=1e-5, atol=1e-7)
     weight = linear_weight(model.get_submodule(DOWN)).detach()
     for fmt in parse_formats("w2g64,w4g128"):
-        error = (gptq_quantize(weight, prepass[f"{DOWN}:hessians"], fmt).dequantize() - weight).double()
+        error = (gptq_quantize(weight, prepass.layer(DOWN).hessian, fmt).dequantize() - weight).double()
         # tr(dW H dW^T) is the mean squared output error over calibration tokens
         assert table.costs[DOWN][fmt.name].output_err == pytest.approx(((x @ error.T) ** 2).sum().item() / len(x))
         assert table.costs[DOWN][fmt.name].weight_mse == pytest.approx((error**2).sum().item())
@@ -110,9 +110,9 @@ def test_output_grad_is_modelopt_score_from_per_token_output_gradients(setup):
     for layer in table.layers:
         x, g = _output_grads(model, layer.name, calib)  # (windows, T, in), (windows, T, out)
         fisher = tokens * (g**2).sum(1).mean(0)
-        assert torch.allclose(prepass[f"{layer.name}:output_fisher"].double(), fisher, rtol=1e-4, atol=1e-12)
+        assert torch.allclose(prepass.layer(layer.name).output_fisher.double(), fisher, rtol=1e-4, atol=1e-12)
         weight = linear_weight(model.get_submodule(layer.name)).detach()
-        error = gptq_quantize(weight, prepass[f"{layer.name}:hessians"], parse_formats("w2g64")[0]).dequantize()
+        error = gptq_quantize(weight, prepass.layer(layer.name).hessian, parse_formats("w2g64")[0]).dequantize()
         dy = x @ (error - weight).double().T  # (windows, T, out): Y_q - Y
         exact.append(0.5 * tokens * ((g * dy) ** 2).sum((1, 2)).mean().item())
         profiled.append(table.costs[layer.name]["w2g64"].output_grad)
@@ -160,7 +160,7 @@ def test_proxies_predict_the_real_loss_change_of_quantizing_one_layer(setup):
     for layer in table.layers:
         module = model.get_submodule(layer.name)
         original = linear_weight(module).detach().clone()
-        error = gptq_quantize(original, prepass[f"{layer.name}:hessians"], fmt).dequantize() - original
+        error = gptq_quantize(original, prepass.layer(layer.name).hessian, fmt).dequantize() - original
         set_linear_weight(module, original + error)
         plus = loss()
         set_linear_weight(module, original - error)
@@ -168,7 +168,7 @@ def test_proxies_predict_the_real_loss_change_of_quantizing_one_layer(setup):
         set_linear_weight(module, original)
         first.append((plus - minus) / 2)
         curvature.append((plus + minus) / 2 - base)
-        products = prepass[f"{layer.name}:grads"].double() * error.double()
+        products = prepass.layer(layer.name).grad.double() * error.double()
         predicted_first.append(products.sum().item())
         first_bound.append(products.abs().sum().item())
     # equal up to third-order terms

@@ -48,7 +48,7 @@ from automp.model import (
 from automp.quantize import GPTQConfig, quantize_
 from automp.quantizers.qweight import QWeight
 from automp.repair import E2EConfig, ReconstructConfig, RepairConfig, RepairReport, repair_
-from automp.repair.methods import DURING_QUANTIZATION
+from automp.repair.methods import DURING_QUANTIZATION, unstreamed
 from automp.repair.selfgen import cached_windows
 from automp.repair.seq_finetune import SeqFinetuneConfig, SeqFinetuneRecord, downstream_tuner
 from automp.search.problem import Problem
@@ -136,7 +136,7 @@ def quantize_model(
     with clock.stage("load"):
         stages = ["load", *([settings.method] if settings.method != "rtn" else []), "export"]
         stages += ["repair"] * bool(settings.repair) + ["perplexity"] * bool(settings.eval)
-        model, tokenizer = load_planned(settings, tuple(stages), streams=not settings.repair)
+        model, tokenizer = load_planned(settings, tuple(stages), unstreamed(settings.repair))
         seqlen = window_length(model, settings.seqlen)
         named = allocation.formats if allocation is not None else ()  # a saved allocation's head and embedding
         inv = inventory_for(model, named, lm_head=settings.lm_head, embeddings=settings.embeddings)
@@ -152,7 +152,13 @@ def quantize_model(
                 raise AutompError(f"{needs} needs calibration text (--calib)")
             calib = load_windows(settings.calib, tokenizer, seqlen, settings.nsamples, settings.seed)
         windows = load_windows(settings.eval, tokenizer, seqlen) if settings.eval else None
-    reference = copy.deepcopy(model) if settings.repair else None  # the full-precision model repair trains towards
+    reference = None  # the full-precision model repair trains towards: a copy, or streamed from its own offload
+    if settings.repair:
+        if is_streamed(model):
+            offload_dir = settings.offload_dir and Path(settings.offload_dir) / "reference"
+            reference = load_planned(settings, tuple(stages), offload_dir=offload_dir)[0]
+        else:
+            reference = copy.deepcopy(model)
     tuned = SeqFinetuneRecord() if settings.repair and DURING_QUANTIZATION in settings.repair else None
     after_block = None
     if tuned is not None:  # the blocks downstream train as each block is quantized
@@ -300,7 +306,7 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
         if settings.schedule != "uniform" and table is None:
             raise AutompError(f"--schedule {settings.schedule} needs the sensitivity profile: {settings.run} has none; "
                               "give --profile FILE, or --schedule uniform")  # fmt: skip
-        reference, tokenizer = load_planned(settings, ("load", "repair"), streams=False)
+        reference, tokenizer = load_planned(settings, ("load", "repair"), "automp repair (of a saved run)")
         device = model_device(reference)
         stored = run_dir.quantized_weights()  # read once: the model is rebuilt from them
         model = load_quantized(Path(settings.run), next(reference.parameters()).dtype, stored).to(device)

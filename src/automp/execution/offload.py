@@ -10,7 +10,9 @@ module inside a block gets an ``OffloadCache`` as its parameters and buffers. Re
 onloads it to the device; ``automp.model.set_parameter`` (``update_offload_parameter``) writes a new value through to
 where it lives. A whole-model forward (perplexity, tasks, the KL probe) therefore streams by itself, and the
 block-by-block stages (GPTQ, AWQ, the profile's gradient pass) wrap each block's work in :func:`keep_onloaded`,
-so its weights are read from the offload once rather than once per batch. A model is loaded this way with
+so its weights are read from the offload once rather than once per batch. Training (block reconstruction) needs
+autograd through swapped weights, which an offloaded module would write through, so it trains a plain copy of the
+block (:func:`materialized`) and sets the results back. A model is loaded this way with
 accelerate's ``device_map`` (the blocks on ``cpu`` or ``disk``), which compressed-tensors'
 ``load_offloaded_model`` converts; nothing is read into host memory beyond one tensor at a time on the way.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,9 +44,12 @@ Offload = Literal["none", "cpu", "disk"]
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 
 
-def load_planned(settings: ModelSettings, stages: tuple[str, ...], streams: bool = True):
+def load_planned(
+    settings: ModelSettings, stages: tuple[str, ...], in_memory_only: str | None = None, offload_dir: Path | None = None
+):
     """The model and tokenizer, in memory or streamed as the memory plan of ``stages`` says (or refused).
-    ``streams=False``: the command runs in memory only (training repair does not stream yet)."""
+    ``in_memory_only``: what of the command does not stream, refused when the plan streams. ``offload_dir``: another
+    one than ``settings.offload_dir`` (a second streamed model beside the first)."""
     torch.manual_seed(settings.seed)
     formats = getattr(settings, "formats", None) or getattr(settings, "scheme", None) or "w4g128"
     offload = plan_offload(
@@ -51,17 +57,17 @@ def load_planned(settings: ModelSettings, stages: tuple[str, ...], streams: bool
         seqlen=settings.seqlen, batch_size=settings.batch_size, device=settings.device, dtype=settings.dtype,
         device_memory=settings.device_memory, cpu_memory=settings.cpu_memory,
     )  # fmt: skip
-    if offload != "none" and not streams:
+    if offload != "none" and in_memory_only:
         asked = "the memory plan needs" if settings.offload == "auto" else "you asked for"
         raise AutompError(
-            f"training repair runs in memory only, but {asked} --offload {offload}: repair on a machine whose "
-            "memory holds the model (or give its --device-memory / --cpu-memory), or leave out the repair"
+            f"{in_memory_only} runs in memory only, but {asked} --offload {offload}: run it on a machine whose "
+            "memory holds the model (or give its --device-memory / --cpu-memory), or leave it out"
         )
     from automp.model import load_model
 
     return load_model(
         settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code,
-        offload=offload, offload_dir=settings.offload_dir,
+        offload=offload, offload_dir=offload_dir or settings.offload_dir,
     )  # fmt: skip
 
 
@@ -143,6 +149,25 @@ def write_through(module: nn.Module, name: str, value: torch.Tensor) -> None:
     _written[id(module), name] = (module, name)
 
 
+def materialized(module: nn.Module) -> nn.Module:
+    """A plain copy of a streamed ``module`` on its onload device: no offloading, its own tensors."""
+    from compressed_tensors.offload import OffloadCache
+    from compressed_tensors.offload.module import remove_module_offload
+
+    onloaded = {}  # deepcopy's memo: each offloaded tensor is copied as its onloaded value
+    for sub in module.modules():
+        for cache in (sub._parameters, sub._buffers):
+            if isinstance(cache, OffloadCache):
+                for value in cache.offloaded_values.values():
+                    if value is not None:
+                        loaded = cache.onload(value)
+                        onloaded[id(value)] = loaded.clone() if loaded is value else loaded
+    copied = copy.deepcopy(module, onloaded)
+    for sub in copied.modules():
+        remove_module_offload(sub)  # what it offloaded is now the onloaded copies
+    return copied
+
+
 def stream_blocks(model: nn.Module, mode: Offload, device: torch.device, offload_dir: Path | None = None) -> nn.Module:
     """Offload an already loaded model: its decoder blocks to ``mode`` (``cpu`` or ``disk``), every other module
     to host memory, all onloading to ``device`` when used. ``disk`` writes the block tensors under ``offload_dir``
@@ -152,7 +177,11 @@ def stream_blocks(model: nn.Module, mode: Offload, device: torch.device, offload
     if mode not in ("cpu", "disk"):
         raise AutompError(f"unknown offload {mode!r}: stream the blocks to cpu or disk")
     inside = {id(module) for module in decoder_blocks(model).modules()}
-    kwargs = {"offload_dir": str(offload_dir or _temporary_dir())} if mode == "disk" else {}
+    kwargs = {}
+    if mode == "disk":
+        folder = Path(offload_dir or _temporary_dir())
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs = {"offload_dir": str(folder)}
     for module in model.modules():
         if id(module) in inside:
             offload_module(module, onload_device=device, offload_device=mode, **kwargs)

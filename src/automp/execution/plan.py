@@ -432,10 +432,11 @@ def _gptq(t: Terms) -> dict[str, StageMemory]:
     quantize = t.shape.block.hessian_bytes + t.largest_gptq()
     propagate = t.cache() + t.forward(t.work.batch_size)
     in_memory = t.model + t.held_all() + t.cache() + max(calibrate, quantize, propagate)
-    # streaming: the block and its Hessians on the device, one batch at a time; S in and S out in host memory
+    # streaming: the block and its Hessians on the device, one batch at a time; S in and S out in host memory, and
+    # every finished layer's QuantizedWeight there until saving (they are not spilled to disk shard by shard)
     calibrate_one = t.batch_io(t.work.batch_size) + t.forward(t.work.batch_size) + t.hessian_update(t.work.batch_size)
     streaming = t.block + t.shape.block.hessian_bytes + max(calibrate_one, t.largest_gptq() + t.held_block())
-    host = t.outside + 2 * t.cache() + t.block + t.stored_block() + t.tokens()
+    host = t.outside + 2 * t.cache() + t.block + t.held_all() + t.stored_block() + t.tokens()
     return {
         "in-memory": _memory(in_memory, t.tokens() + t.stored_output(), t.stored_output()),
         "streaming": _memory(streaming, host, t.stored_output()),
@@ -459,7 +460,7 @@ def _awq(t: Terms) -> dict[str, StageMemory]:
     group_batch = batch * t.work.seqlen * max(block.awq_widths, default=t.shape.hidden) * t.w
     reference = batch * t.work.seqlen * t.shape.hidden * FP32
     streaming = t.block + t.held_block() + hessians + t.batch_io(batch) + t.forward(batch) + group_batch + reference
-    host = t.outside + 2 * t.cache() + captured + search + t.block + t.stored_block() + t.tokens()
+    host = t.outside + 2 * t.cache() + captured + search + t.block + t.held_all() + t.stored_block() + t.tokens()
     return {
         "in-memory": _memory(in_memory, t.tokens() + t.stored_output(), t.stored_output()),
         "streaming": _memory(streaming, host, t.stored_output()),
@@ -472,12 +473,14 @@ def _repair(t: Terms) -> dict[str, StageMemory]:
     # 32 bytes: the fp32 latent, its gradient, AdamW's two moments, the best state's copy, and three weight-sized
     # fp32 tensors in the graph (the dequantized weight and its rounding). One step of REPAIR_BATCH windows keeps
     # its activations for the backward, and the MSE's fp32 output and target. Finished blocks go to the state dir.
+    # Streamed, the block trains as an onloaded copy beside the full-precision block's weights; the caches and every
+    # layer's QuantizedWeight wait on the host.
     batch, block = t.work.repair_batch, t.shape.block
     training = 32 * block.linear_params + t.train_activations(batch) + 2 * batch * t.work.seqlen * t.shape.hidden * FP32
     stored_layers = sum(t.stored(layer) for layer in t.shape.linears)
     in_memory = 2 * t.model + t.held_all() + 4 * t.cache() + training
     streaming = 2 * t.block + training + t.batch_io(batch)
-    host = 2 * t.outside + 4 * t.cache() + 2 * t.block + t.held_block() + t.tokens()
+    host = 2 * t.outside + 4 * t.cache() + 2 * t.block + t.held_all() + t.tokens()
     return {
         "in-memory": _memory(in_memory, t.tokens() + t.stored_block(), stored_layers),
         "streaming": _memory(streaming, host, stored_layers),
@@ -505,14 +508,10 @@ def _tasks(t: Terms) -> dict[str, StageMemory]:
 
 
 def _export(t: Terms) -> dict[str, StageMemory]:
-    # exports read the whole checkpoint (RunDir: packed weights and dense tensors) and write a converted copy;
-    # streaming would convert tensor by tensor: the larger of one block and the tensors outside the blocks
+    # exports read the whole checkpoint (RunDir: packed weights and dense tensors) and write a converted copy, in
+    # either mode: they do not convert tensor by tensor yet
     out = t.stored_output()
-    outside = t.shape.outside_params * FP16
-    return {
-        "in-memory": _memory(0, 2 * out, out),
-        "streaming": _memory(0, 2 * max(t.stored_block(), outside), out),
-    }
+    return {"in-memory": _memory(0, 2 * out, out), "streaming": _memory(0, 2 * out, out)}
 
 
 def _profile(t: Terms, proxy: str) -> dict[str, StageMemory]:

@@ -6,7 +6,8 @@
 and ``repair_`` leaves it to that. Every one starts from
 the quantized model as stored and ends in the same formats and bytes, so exports keep working.
 ``config.schedule`` shares training out over the blocks (``schedules.py``); ``sgra`` and ``joint``
-need the sensitivity table and the allocation.
+need the sensitivity table and the allocation. The block methods also run on a streamed model
+(``execution/offload.py``); ``e2e-qp`` and ``seq-finetune`` train through every block at once, in memory only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from automp.allocation import Allocation
 from automp.errors import AutompError
+from automp.execution.offload import is_streamed
 from automp.model import decoder_blocks, inventory
 from automp.quantizers.qweight import QWeight
 from automp.repair.e2e import E2EConfig, E2ERecord, e2e_scales_
@@ -30,6 +32,12 @@ from automp.sensitivity.table import SensitivityTable
 BLOCK_METHODS = ("block-ap", "sign-round")
 DURING_QUANTIZATION = "seq-finetune"
 METHODS = (DURING_QUANTIZATION, *BLOCK_METHODS, "e2e-qp")  # in the order they run
+
+
+def unstreamed(spec: str | None) -> str | None:
+    """``--repair <the methods of spec that run in memory only>``, or None when every one streams."""
+    methods = [m for m in parse_methods(spec) if m not in BLOCK_METHODS] if spec else []
+    return f"--repair {','.join(methods)}" if methods else None
 
 
 def parse_methods(spec: str) -> tuple[str, ...]:
@@ -135,6 +143,8 @@ def repair_(
     report = RepairReport(list(config.methods), config.schedule)
     if not qweights:
         raise AutompError("nothing to repair: the model has no quantized layer")
+    if is_streamed(model) and (refused := unstreamed(",".join(config.methods))):
+        raise AutompError(f"{refused} trains through the whole model at once: it does not run on a streamed model")
     if any(m in BLOCK_METHODS for m in config.methods):
         budgets = block_budgets(model, config, table, allocation)
         report.budgets = [asdict(b) for b in budgets]

@@ -17,10 +17,15 @@ Each finished block is written to ``state_dir`` (its layers' stored tensors and 
 loads those and continues at the first unfinished block, reaching the same weights as an
 uninterrupted run: batch order is seeded per block, and the inputs of the next block are recomputed
 from the loaded weights. One block's training state is held at a time.
+
+A streamed model (``execution/offload.py``) keeps every block's inputs and targets on the host, a batch at a time
+going to the device; a block trains as a plain copy on the device (``materialized``) and its repaired weights are
+written through to the offload.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -36,7 +41,16 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from automp.errors import AutompError
-from automp.execution.blocks import BlockInputs, capture_block_inputs, propagate, run_block
+from automp.execution.blocks import (
+    BlockInputs,
+    batches_on,
+    capture_block_inputs,
+    model_device,
+    propagate,
+    run_block,
+    to_device,
+)
+from automp.execution.offload import is_streamed, keep_onloaded, materialized
 from automp.formats import get_format
 from automp.io import write_file_atomic
 from automp.model import decoder_blocks, inventory, set_linear_weight
@@ -126,38 +140,72 @@ def reconstruct_(
     model.requires_grad_(False)  # only the trainable weights get gradients, never the model's own parameters
     inputs = capture_block_inputs(model, blocks[0], calib, config.batch_size)
     fp_inputs = capture_block_inputs(fp_model, fp_blocks[0], calib, config.batch_size)
+    device, streamed = model_device(model), is_streamed(model) or is_streamed(fp_model)
+    if streamed:  # every cache waits on the host, a batch at a time goes to the device
+        inputs, fp_inputs = to_device(inputs, torch.device("cpu")), to_device(fp_inputs, torch.device("cpu"))
+
+    def outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+        if not streamed:
+            return list(run_block(block, inputs))
+        with keep_onloaded():  # the block read once
+            return [output.cpu() for output in run_block(block, batches_on(inputs, device))]
+
     records = []
     for index, block in enumerate(tqdm(blocks, desc=f"{config.method} blocks", disable=not progress, leave=False)):
-        targets = list(run_block(fp_blocks[index], fp_inputs))
+        targets = outputs(fp_blocks[index], fp_inputs)
         names = [name for name in qweights if block_of.get(name) == index]
         record = _load_block(state_dir, index, qweights) if state_dir else None
         if record is None:
-            fp_weights = {name: fp_model.get_submodule(name).weight for name in names}
-            record = _train_block(
-                model, block, index, names, qweights, fp_weights, inputs, targets, config, budgets[index]
-            )
+            with keep_onloaded() if streamed else contextlib.nullcontext():
+                fp_weights = {name: fp_model.get_submodule(name).weight for name in names}
+                trained = materialized(block) if streamed else block  # autograd through an offloaded block: no
+            batches = _Batches(inputs, targets, device if streamed else None)
+            record = _train_block(model, block, trained, index, names, qweights, fp_weights, batches, config,
+                                  budgets[index])  # fmt: skip
+            del trained, fp_weights
             if state_dir:
                 _save_block(state_dir, index, record, {name: qweights[name] for name in names})
         for name in names:
             set_linear_weight(model.get_submodule(name), qweights[name].dequantize())
         records.append(record)
-        inputs = propagate(inputs, list(run_block(block, inputs)))
+        inputs = propagate(inputs, outputs(block, inputs))
         fp_inputs = propagate(fp_inputs, targets)
     return records
+
+
+@dataclass
+class _Batches:
+    """A block's training batches: its inputs and the full-precision block's outputs, the targets. With a
+    ``device`` they wait on the host and each goes there when used."""
+
+    inputs: BlockInputs
+    targets: list[torch.Tensor]
+    device: torch.device | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[tuple, dict, torch.Tensor]:
+        if self.device is None:
+            return (*self.inputs[i], self.targets[i])
+        args, kwargs = next(batches_on(self.inputs[i : i + 1], self.device))
+        return args, kwargs, self.targets[i].to(self.device)
 
 
 def _train_block(
     model: nn.Module,
     block: nn.Module,
+    trained: nn.Module,
     index: int,
     names: list[str],
     qweights: dict[str, QWeight],
     fp_weights: dict[str, torch.Tensor],
-    inputs: BlockInputs,
-    targets: list[torch.Tensor],
+    batches: _Batches,
     config: ReconstructConfig,
     budget: BlockBudget,
 ) -> BlockRecord:
+    """Train the quantized layers of ``block`` (in ``trained``: the block itself, or a streamed block's plain copy;
+    the parameter names are the same) on ``batches``."""
     start = time.perf_counter()
     relative = {module: name for name, module in block.named_modules()}
     skipped = [name for name in names if why_untrainable(qweights[name], config.method)]
@@ -165,17 +213,17 @@ def _train_block(
     trainables = {
         key: TrainableWeight(qweights[name], config.method, fp_weights[name]) for key, name in layer_of.items()
     }
-    held_out = max(1, round(len(inputs) * config.val_fraction))
-    train, val = list(range(len(inputs) - held_out)), list(range(len(inputs) - held_out, len(inputs)))
+    held_out = max(1, round(len(batches) * config.val_fraction))
+    train, val = list(range(len(batches) - held_out)), list(range(len(batches) - held_out, len(batches)))
 
-    dtypes = {key: block.get_parameter(key).dtype for key in layer_of}  # a bf16/fp16 block computes in its own
+    dtypes = {key: trained.get_parameter(key).dtype for key in layer_of}  # a bf16/fp16 block computes in its own
 
     def loss_on(i: int, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        args, kwargs = inputs[i]
+        args, kwargs, target = batches[i]
         weights = {key: weight.to(dtypes[key]) for key, weight in (weights or {}).items()}
-        output = functional_call(block, weights, args, kwargs)
+        output = functional_call(trained, weights, args, kwargs)
         output = output[0] if isinstance(output, tuple) else output
-        return F.mse_loss(output.float(), targets[i].float())
+        return F.mse_loss(output.float(), target.float())
 
     def validate(weights: dict[str, torch.Tensor] | None = None) -> float:
         return sum(loss_on(i, weights).item() for i in val) / len(val)

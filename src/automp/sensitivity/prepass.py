@@ -4,18 +4,26 @@ gathering what every proxy needs (``sensitivity/profile.py`` describes the quant
 In memory, each window's loss is differentiated against every weight at once. A streamed model
 (``execution/offload.py``) holds one decoder block at a time, so its pass goes block by block
 (:func:`_collect_streamed`); it gathers the same numbers in the same order, bit for bit.
+
+The result, :class:`Prepass`, lives in a directory: one safetensors file per decoder block (and one for the layers
+outside the blocks), each written when its layers are finished, and read back one layer at a time. A streamed pass
+finishes a block's layers during its backward sweep, so only that block's accumulators are ever in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -58,21 +66,96 @@ class Moments:
 
 
 @dataclass
-class Prepass:
-    hessians: dict[str, torch.Tensor]  # layer -> (in, in) input Hessian X^T X / n; embedding: (vocab,) diagonal
-    grads: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of dL_i/dW
-    fisher: dict[str, torch.Tensor]  # layer -> (out, in) mean over windows of (dL_i/dW)^2
-    output_fisher: dict[str, torch.Tensor]  # layer -> (out,) T * mean over windows of sum_t (dL_i/dy_t)^2;
+class LayerPrepass:
+    """What the pre-pass gathered for one layer."""
+
+    hessian: torch.Tensor  # (in, in) input Hessian X^T X / n; embedding: (vocab,) diagonal
+    grad: torch.Tensor  # (out, in) mean over windows of dL_i/dW
+    fisher: torch.Tensor  # (out, in) mean over windows of (dL_i/dW)^2
+    output_fisher: torch.Tensor  # (out,) T * mean over windows of sum_t (dL_i/dy_t)^2;
     # embedding: (vocab, hidden), the sum over the tokens of each row
-    activations: dict[str, dict[str, float]]  # layer -> Moments.summary() of its input
+    activations: dict[str, float]  # Moments.summary() of its input
+
+    def to(self, device: torch.device | str) -> LayerPrepass:
+        return LayerPrepass(*(getattr(self, kind).to(device) for kind in TENSORS), activations=self.activations)
 
 
-def collect_prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bool = True) -> Prepass:
+TENSORS = ("hessian", "grad", "fisher", "output_fisher")  # LayerPrepass's tensors, stored as "<layer>:<kind>"
+INDEX = "index.json"  # layer -> file; written last, its presence marks a complete pre-pass
+
+
+class Prepass:
+    """The pre-pass saved in ``directory``; :meth:`layer` reads one layer's part from disk, or from memory after
+    :meth:`held` (what a remote worker receives: it cannot read this machine's disk)."""
+
+    def __init__(self, directory: Path, layers: dict[str, LayerPrepass] | None = None) -> None:
+        self.directory = Path(directory)
+        self.index: dict[str, str] = json.loads((self.directory / INDEX).read_text())
+        self.layers = layers
+
+    @staticmethod
+    def complete(directory: Path) -> bool:
+        return (Path(directory) / INDEX).is_file()
+
+    def layer(self, name: str, device: torch.device | str = "cpu") -> LayerPrepass:
+        if self.layers is not None:
+            return self.layers[name].to(device)
+        with safe_open(self.directory / self.index[name], framework="pt") as stored:
+            tensors = [stored.get_tensor(f"{name}:{kind}").to(device) for kind in TENSORS]
+            activations = json.loads(stored.metadata()["activations"])[name]
+        return LayerPrepass(*tensors, activations=activations)
+
+    def held(self) -> Prepass:
+        """Every layer read into memory."""
+        return Prepass(self.directory, {name: self.layer(name) for name in self.index})
+
+
+class _Writer:
+    """Finishes layers from their sums over the calibration windows and saves them, a group (a block) per file."""
+
+    def __init__(self, directory: Path, modules: dict[str, nn.Module], calib: torch.Tensor) -> None:
+        self.directory, self.modules = Path(directory), modules
+        self.windows, self.loss_tokens = len(calib), calib.shape[1] - 1
+        self.index: dict[str, str] = {}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / INDEX).unlink(missing_ok=True)  # incomplete until close()
+
+    def write(self, group: int, accumulators: dict[str, _Accumulator], grads: dict, fisher: dict) -> None:
+        n, tensors, activations = self.windows, {}, {}
+        for name, acc in accumulators.items():
+            module = self.modules[name]
+            layer = LayerPrepass(
+                hessian=acc.hessian(),
+                grad=_out_in(module, grads[name] / n),
+                fisher=_out_in(module, fisher[name] / n),
+                output_fisher=acc.output_fisher * (self.loss_tokens / n),
+                activations=acc.moments.summary(),
+            )
+            tensors |= {f"{name}:{kind}": getattr(layer, kind).detach().cpu().contiguous() for kind in TENSORS}
+            activations[name] = layer.activations
+        file = f"layers{group}.safetensors"
+        tmp = self.directory / f".{file}.tmp"
+        save_file(tensors, tmp, metadata={"activations": json.dumps(activations)})
+        os.replace(tmp, self.directory / file)
+        self.index |= dict.fromkeys(accumulators, file)
+
+    def close(self) -> Prepass:
+        tmp = self.directory / f".{INDEX}.tmp"
+        tmp.write_text(json.dumps(self.index, indent=1))
+        os.replace(tmp, self.directory / INDEX)
+        return Prepass(self.directory)
+
+
+def collect_prepass(
+    model: nn.Module, inv: Inventory, calib: torch.Tensor, directory: Path, progress: bool = True
+) -> Prepass:
     """One forward + backward per calibration window through the full-precision model (a streamed model:
-    its blocks one at a time, :func:`_collect_streamed`)."""
-    if is_streamed(model):
-        return _collect_streamed(model, inv, calib, progress)
+    its blocks one at a time, :func:`_collect_streamed`), saved in ``directory``."""
     modules = {layer.name: model.get_submodule(layer.name) for layer in inv.layers}
+    writer = _Writer(directory, modules, calib)
+    if is_streamed(model):
+        _collect_streamed(model, inv, calib, writer, progress)
+        return writer.close()
     weights = {name: module.weight for name, module in modules.items()}
     accumulators = {layer.name: _Accumulator.of(layer, weights[layer.name].device) for layer in inv.layers}
     grads = {name: torch.zeros(w.shape, device=w.device) for name, w in weights.items()}
@@ -100,19 +183,16 @@ def collect_prepass(model: nn.Module, inv: Inventory, calib: torch.Tensor, progr
             hook.remove()
         for param, flag in flags.items():
             param.requires_grad_(flag)
-    return _finish(modules, accumulators, grads, fisher, calib)
+    for block, names in _by_block(inv).items():
+        writer.write(block, {name: accumulators[name] for name in names}, grads, fisher)
+    return writer.close()
 
 
-def _finish(modules, accumulators, grads, fisher, calib: torch.Tensor) -> Prepass:
-    """The pre-pass from its sums over the calibration windows."""
-    n, loss_tokens = len(calib), calib.shape[1] - 1
-    return Prepass(
-        hessians={name: acc.hessian() for name, acc in accumulators.items()},
-        grads={name: _out_in(modules[name], grads[name] / n) for name in modules},
-        fisher={name: _out_in(modules[name], fisher[name] / n) for name in modules},
-        output_fisher={name: acc.output_fisher * (loss_tokens / n) for name, acc in accumulators.items()},
-        activations={name: acc.moments.summary() for name, acc in accumulators.items()},
-    )
+def _by_block(inv: Inventory) -> dict[int, list[str]]:
+    by_block: dict[int, list[str]] = {}
+    for layer in inv.layers:
+        by_block.setdefault(layer.block, []).append(layer.name)
+    return by_block
 
 
 @dataclass
@@ -173,7 +253,7 @@ def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 # ---- streamed: one block at a time ----------------------------------------------------------------------------
 
 
-def _collect_streamed(model: nn.Module, inv: Inventory, calib: torch.Tensor, progress: bool) -> Prepass:
+def _collect_streamed(model: nn.Module, inv: Inventory, calib: torch.Tensor, writer: _Writer, progress: bool) -> None:
     """The pre-pass of a streamed model; each decoder block comes onto the device twice in all.
 
     1. **Forward sweep**, block by block: every window through the block without gradients. Each block's inputs
@@ -182,26 +262,26 @@ def _collect_streamed(model: nn.Module, inv: Inventory, calib: torch.Tensor, pro
        standing in by returning that output (:class:`_Replay`): the loss's gradient ``dL/dh`` there (N, T, d fp32).
     3. **Reverse sweep**, from the last block down: per window, the block runs again on its kept input with
        gradients; ``autograd.grad`` of its output against the kept ``dL/dh`` gives its weights' gradients, and
-       ``dL/dh`` of its input, which replaces the kept one.
+       ``dL/dh`` of its input, which replaces the kept one. The block's layers are then finished and written.
     4. **The lm_head**, when profiled: per window, the head again, now for its weight's gradient; a head tied to the
        token embedding adds the embedding's part, from ``dL/dh`` at the first block's input.
 
     The hooks gather in passes 3 and 4 only, where every layer sees the inputs and gradients it sees in memory, in
-    the same window order. Block inputs other than the hidden states (masks, rotary tables) are those the first block
-    received, as ``quantize_`` assumes. The token embedding is refused (``profile_model`` checks it)."""
-    modules = {layer.name: model.get_submodule(layer.name) for layer in inv.layers}
+    the same window order; only the block being swept has accumulators. Block inputs other than the hidden states
+    (masks, rotary tables) are those the first block received, as ``quantize_`` assumes. The token embedding is
+    refused (``profile_model`` checks it)."""
+    modules = writer.modules
     device = model_device(model)
-    accumulators = {layer.name: _Accumulator.of(layer, device) for layer in inv.layers}
-    gathering = [False]
-    hooks = [
-        module.register_forward_hook(lambda *call, acc=accumulators[name]: acc.hook(*call) if gathering[0] else None)
-        for name, module in modules.items()
-    ]
+    accumulators: dict[str, _Accumulator] = {}  # the layers being gathered
+
+    def gather(name: str, *call) -> None:
+        if name in accumulators:
+            accumulators[name].hook(*call)
+
+    hooks = [module.register_forward_hook(partial(gather, name)) for name, module in modules.items()]
+    layers = {layer.name: layer for layer in inv.layers}
     blocks = decoder_blocks(model)
-    by_block: dict[int, list[str]] = {}
-    for layer in inv.layers:
-        by_block.setdefault(layer.block, []).append(layer.name)
-    sums = _GradientSums()
+    by_block = _by_block(inv)
     flags = {param: param.requires_grad for param in model.parameters()}
     model.requires_grad_(False)
     bar = tqdm(total=2 * len(blocks), desc="profile pre-pass (streamed)", disable=not progress, leave=False)
@@ -222,17 +302,19 @@ def _collect_streamed(model: nn.Module, inv: Inventory, calib: torch.Tensor, pro
                 hidden = outputs
                 del outputs
                 bar.update()
+            upstream = torch.empty(hidden.shape, dtype=torch.float32)  # dL/dh at the current block boundary
             with keep_onloaded():  # 2.: the embedding and the head read once
-                pairs = zip(calib, hidden, strict=True)
-                upstream = torch.stack([_head_gradient(model, blocks, w, h, returns_tuple)[0] for w, h in pairs])
+                for n, (window, h) in enumerate(zip(calib, hidden, strict=True)):
+                    upstream[n] = _head_gradient(model, blocks, window, h, returns_tuple)[0]
             tail = by_block.get(len(blocks), [])
             if tail:  # the last block's outputs wait on disk for step 4: the host holds two (N, T, d) at a time
                 save_file({"hidden": hidden.contiguous()}, Path(scratch) / "last.safetensors")
             del hidden
-            gathering[0] = True
             for index in reversed(range(len(blocks))):  # 3.
                 kept = load_file(Path(scratch) / f"{index}.safetensors")["hidden"]
                 names = by_block.get(index, [])
+                accumulators.update({name: _Accumulator.of(layers[name], device) for name in names})
+                sums = _GradientSums()
                 with keep_onloaded():  # the weights read here are the ones the forward uses
                     weights = [modules[name].weight.requires_grad_(True) for name in names]
                     for n, (context, x) in enumerate(zip(contexts, kept, strict=True)):
@@ -242,11 +324,19 @@ def _collect_streamed(model: nn.Module, inv: Inventory, calib: torch.Tensor, pro
                             grad_x, *found = torch.autograd.grad(output, [x, *weights], upstream[n : n + 1].to(device))
                         upstream[n] = grad_x[0].cpu()
                         sums.add(names, found)
+                    del weights
+                writer.write(index, accumulators, sums.grads, sums.fisher)
+                accumulators.clear()
+                del kept, sums
                 bar.update()
+            if not tail:
+                return
+            accumulators.update({name: _Accumulator.of(layers[name], device) for name in tail})
+            sums = _GradientSums()
             with keep_onloaded():  # 4.: one onloaded copy of the head's weight, the tensor every forward uses
                 weights = [modules[name].weight.requires_grad_(True) for name in tail]
-                last = load_file(Path(scratch) / "last.safetensors")["hidden"] if tail else None
-                for n, window in enumerate(calib if tail else []):
+                last = load_file(Path(scratch) / "last.safetensors")["hidden"]
+                for n, window in enumerate(calib):
                     found = _head_gradient(model, blocks, window, last[n], returns_tuple, weights)[1:]
                     with torch.enable_grad():  # a head tied to the embedding: the embedding's part too
                         first = hidden_of(capture_block_inputs(model, blocks[0], window.unsqueeze(0), 1))[0]
@@ -254,13 +344,13 @@ def _collect_streamed(model: nn.Module, inv: Inventory, calib: torch.Tensor, pro
                         tied = torch.autograd.grad(first, weights, upstream[n : n + 1].to(device), allow_unused=True)
                         found = [g if t is None else g + t for g, t in zip(found, tied, strict=True)]
                     sums.add(tail, found)
+            writer.write(len(blocks), accumulators, sums.grads, sums.fisher)
     finally:
         bar.close()
         for hook in hooks:
             hook.remove()
         for param, flag in flags.items():
             param.requires_grad_(flag)
-    return _finish(modules, accumulators, sums.grads, sums.fisher, calib)
 
 
 def _run(block: nn.Module, context: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:

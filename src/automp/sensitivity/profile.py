@@ -56,13 +56,14 @@ The output head (``lm_head=True``) is profiled as any linear layer.
 
 Unquantized formats (fp16/bf16) cost 0 under every proxy: their rounding error is ignored.
 
-**Memory.** The model, plus for every inventory layer two fp32 weight-sized accumulators (mean
-gradient, Fisher), one fp32 ``in x in`` Hessian and one ``out`` vector (``G``), all on the layer's
-device (the token embedding: a third weight-sized ``G`` and a vocab vector instead). Activation moments
-are scalars. With KL, the reference log-probabilities of the KL windows are held too (windows x seqlen x
-vocab fp32).
+**Memory.** The model, plus during the pre-pass, for every inventory layer, two fp32 weight-sized
+accumulators (mean gradient, Fisher), one fp32 ``in x in`` Hessian and one ``out`` vector (``G``), all on
+the layer's device (the token embedding: a third weight-sized ``G`` and a vocab vector instead; a streamed
+pre-pass holds one block's). Activation moments are scalars. The layers are then measured one at a time,
+each reading its part of the saved pre-pass. With KL, the reference log-probabilities of the KL windows are
+held too (windows x seqlen x vocab fp32).
 
-**Resuming.** With ``work_dir``, the pre-pass is saved to ``prepass.safetensors`` + ``prepass.json``
+**Resuming.** With ``work_dir``, the pre-pass is saved to ``prepass/`` (``sensitivity/prepass.py``)
 and each finished layer to ``layers/<name>.json``. Every write is atomic (temporary file, then
 ``os.replace``). A restarted run with the same settings skips whatever is already there. The final
 table is always assembled from the per-layer JSON files, so a resumed run writes the same bytes as an
@@ -85,8 +86,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -109,10 +108,8 @@ if TYPE_CHECKING:
     from automp.timing import Stopwatch
 
 MANIFEST = "manifest.json"
-PREPASS_TENSORS = "prepass.safetensors"
-PREPASS_JSON = "prepass.json"  # written last: its presence marks a complete pre-pass
-PREPASS_KINDS = ("hessians", "grads", "fisher", "output_fisher")
-PREPASS_VERSION = 2  # 2: output_fisher added; a work directory of another version starts afresh
+PREPASS_DIR = "prepass"
+PREPASS_VERSION = 3  # 2: output_fisher added; 3: a file per block. A work directory of another version starts afresh
 LAYERS_DIR = "layers"
 CODES_DIR = "codes"  # per layer, the GPTQ codes of every quantized format (only with per_window)
 
@@ -172,10 +169,10 @@ def profile_model(
     stage = clock.stage if clock is not None else _no_stage
     work = Path(work_dir)
     _open_work_dir(work, _manifest(model_name, inv, formats, calib, calib_info, kl_windows, gptq))
-    with stage("prepass"):
-        if not (work / PREPASS_JSON).is_file():
-            _save_prepass(work, collect_prepass(model, inv, calib, progress))
-        prepass = _load_prepass(work, model_device(model))  # always from disk: a resumed run sees the same values
+    with stage("prepass"):  # read from disk either way: a resumed run sees the same values
+        directory = work / PREPASS_DIR
+        complete = Prepass.complete(directory)
+        prepass = Prepass(directory) if complete else collect_prepass(model, inv, calib, directory, progress)
 
     todo = [layer for layer in inv.layers if not _layer_path(work, layer.name).is_file()]
     if todo:
@@ -184,8 +181,8 @@ def profile_model(
             raise AutompError("--executor ray copies the model to every worker: profile it with --offload none")
         # a remote worker's stages are not this process's wall time: the whole loop is timed as "layers"
         worker = partial(
-            _LayerWorker, model, formats, prepass, gptq, kl_windows, batch_size, per_window,
-            _no_stage if executor.remote else stage,
+            _LayerWorker, model, formats, prepass.held() if executor.remote else prepass, gptq, kl_windows,
+            batch_size, per_window, _no_stage if executor.remote else stage,
         )  # fmt: skip
         with stage("layers") if executor.remote else contextlib.nullcontext(), executor.pool(worker) as pool:
             measured = pool.imap(_LayerWorker.measure, todo)
@@ -195,9 +192,8 @@ def profile_model(
                     save_codes(_codes_path(work, layer.name), codes)
                 _write_atomic(_layer_path(work, layer.name), json.dumps(record, indent=1))
     if per_window and not (work / WINDOWS_FILE).is_file():
-        prepass = None  # the pre-pass accumulators are not needed any more: free them first
         with stage("per_window"):
-            _profile_windows(model, inv, formats, calib, work, gptq, progress, model_name, calib_info)
+            _profile_windows(model, inv, formats, calib, work, prepass, gptq, progress, model_name, calib_info)
     return _assemble(work, model, inv, formats, model_name, calib_info)
 
 
@@ -264,29 +260,6 @@ def _write_atomic(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def _no_stage(_name: str):
     yield
-
-
-# ---- the pre-pass -----------------------------------------------------------------------------
-
-
-def _save_prepass(work: Path, prepass: Prepass) -> None:
-    tensors = {}
-    for kind in PREPASS_KINDS:
-        tensors.update({f"{name}:{kind}": t.detach().cpu().contiguous() for name, t in getattr(prepass, kind).items()})
-    tmp = work / f".{PREPASS_TENSORS}.tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, work / PREPASS_TENSORS)
-    _write_atomic(work / PREPASS_JSON, json.dumps({"activations": prepass.activations}, indent=1))
-
-
-def _load_prepass(work: Path, device: torch.device) -> Prepass:
-    tensors = load_file(work / PREPASS_TENSORS, device=str(device))
-    parts: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in PREPASS_KINDS}
-    for key, tensor in tensors.items():
-        name, kind = key.rsplit(":", 1)
-        parts[kind][name] = tensor
-    activations = json.loads((work / PREPASS_JSON).read_text())["activations"]
-    return Prepass(**parts, activations=activations)
 
 
 # ---- per layer ----------------------------------------------------------------------------------
@@ -363,9 +336,9 @@ def _measure_layer(
     given, receives the GPTQ result of every quantized format."""
     module = model.get_submodule(layer.name)
     weight = linear_weight(module).detach().float().clone()  # the KL probe swaps the live weight
-    hessian = prepass.hessians[layer.name]
-    grad, fisher = prepass.grads[layer.name].double(), prepass.fisher[layer.name].double()
-    output_fisher = prepass.output_fisher[layer.name].double()
+    gathered = prepass.layer(layer.name, weight.device)
+    hessian = gathered.hessian
+    grad, fisher, output_fisher = gathered.grad.double(), gathered.fisher.double(), gathered.output_fisher.double()
     embedding = layer.role == EMBED_ROLE
     costs, plain = {}, {}
 
@@ -418,7 +391,7 @@ def _measure_layer(
         costs[fmt.name] = cost.model_dump()
     moments = Moments()
     moments.add(weight)
-    act, wts = prepass.activations[layer.name], moments.summary()
+    act, wts = gathered.activations, moments.summary()
     stats = LayerStats(
         name=layer.name, block=layer.block, role=layer.role,
         out_features=layer.out_features, in_features=layer.in_features,
@@ -437,6 +410,7 @@ def _profile_windows(
     formats: list[Format],
     calib: torch.Tensor,
     work: Path,
+    prepass: Prepass,
     gptq: GPTQConfig,
     progress: bool,
     model_name: str,
@@ -448,8 +422,7 @@ def _profile_windows(
     for layer in inv.layers:
         path = _codes_path(work, layer.name)
         if not path.is_file():  # profiled without per_window: GPTQ is deterministic given the same Hessian
-            with safe_open(work / PREPASS_TENSORS, framework="pt", device=str(device)) as f:
-                hessian = f.get_tensor(f"{layer.name}:hessians")
+            hessian = prepass.layer(layer.name, device).hessian
             weight = linear_weight(model.get_submodule(layer.name)).detach().float().clone()
             quantized = [fmt for fmt in formats if fmt.quantized]
             save_codes(path, {fmt.name: gptq_quantize(weight, hessian, fmt, **asdict(gptq)) for fmt in quantized})

@@ -52,7 +52,7 @@ def train(settings: SwitchableTrainSettings, progress: bool = True) -> dict:
     formats = [name.strip() for name in settings.formats.split(",") if name.strip()]
     clock = Stopwatch()
     with clock.stage("load"):
-        model, tokenizer = load_planned(settings, ("load", "repair"), streams=False)
+        model, tokenizer = load_planned(settings, ("load", "repair"), "switchable training")
         seqlen = window_length(model, settings.seqlen)
         spec = SwitchableSpec(model=settings.model, formats=formats, method=settings.method, rank=settings.rank,
                               init=settings.init, calib=settings.calib, nsamples=settings.nsamples, seqlen=seqlen,
