@@ -14,7 +14,8 @@ freed and keeps them mapped, so the streamed profile, which allocates and frees 
 outputs, measured 1.5 GB of peak resident memory where it holds 0.2 GB. On a CPU the plan's figure is the device
 and host bytes together. Stages:
 
-* ``gptq``: ``quantize_`` with GPTQ, every linear in ``--format``, ``--nsamples`` calibration windows;
+* ``gptq``: ``quantize_`` with GPTQ, every linear in ``--format``, ``--nsamples`` calibration windows, then the
+  checkpoint saved (streamed: the codes wait on disk as ``automp quantize`` has them, and are saved in shards);
 * ``profile``: ``profile_model`` (the pre-pass of the hessian, outgrad, fisher and grad proxies, then every layer x
   format), formats ``--formats``;
 * ``perplexity``: the first ``--eval-windows`` windows of WikiText-2 in batches of ``--batch-size``;
@@ -122,6 +123,7 @@ def _child(args, stage: str, offload: str) -> None:
     from transformers import AutoTokenizer
 
     from automp.allocation import Allocation
+    from automp.checkpoint import SpilledWeights, read_qweights, save_quantized
     from automp.data import load_windows
     from automp.evaluate import perplexity
     from automp.execution.offload import plan_offload
@@ -150,11 +152,14 @@ def _child(args, stage: str, offload: str) -> None:
             reference = copy.deepcopy(model) if offload == "none" else load_model(
                 args.model, device="cpu", offload=offload, offload_dir=work / "reference")[0]  # fmt: skip
         allocation = Allocation.uniform(inventory(model), args.format)
-        stored = quantize_(model, allocation, "gptq", calib, batch_size=args.batch_size, progress=False)
+        codes = SpilledWeights(work / "codes") if offload != "none" else None  # as `automp quantize` streams them
+        stored = quantize_(model, allocation, "gptq", calib, batch_size=args.batch_size, progress=False, codes=codes)
         if reference is not None:
             config = RepairConfig(("block-ap",), reconstruct=ReconstructConfig(epochs=args.repair_epochs))
             repair_(model, stored, reference, calib, config, progress=False)
-        digest = _digest(b"".join(_bytes(q) for _, q in sorted(stored.items())))
+        save_quantized(work / "checkpoint", model, tokenizer, allocation, stored)
+        saved = read_qweights(work / "checkpoint", allocation)
+        digest = _digest(b"".join(_bytes(q) for _, q in sorted(saved.items())))
     elif stage == "profile":
         from automp.formats import parse_formats
 

@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
+from automp import checkpoint
 from automp.errors import AutompError
 from automp.execution.offload import is_streamed, plan_offload, stream_blocks
 from automp.execution.plan import memory_plan
+from automp.export.run_dir import RunDir
 from automp.model import decoder_blocks, inventory
 from automp.pipeline import evaluate, profile, quantize
 from automp.sensitivity.prepass import TENSORS, collect_prepass
@@ -67,7 +69,9 @@ def test_plan_chooses_disk_under_a_small_budget(model_dir, budget):
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_streamed_quantize_equals_in_memory(model_dir, budget, tmp_path, method):
+def test_streamed_quantize_equals_in_memory(model_dir, budget, tmp_path, method, monkeypatch):
+    """Streamed, the codes wait on disk and the checkpoint holds them in shards; they equal the in-memory run's."""
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 100_000)  # a few shards from this small model
     calib, held_out = str(model_dir.parent / "calib.txt"), str(model_dir.parent / "eval.txt")
     runs = {}
     for offload in ("none", "auto"):
@@ -75,10 +79,20 @@ def test_streamed_quantize_equals_in_memory(model_dir, budget, tmp_path, method)
                              method=method, calib=calib, nsamples=8, eval=held_out)  # fmt: skip
         runs[offload] = quantize(settings, progress=False)
     assert runs["auto"]["streamed"] and not runs["none"]["streamed"]
-    assert runs["auto"]["ppl"] == runs["none"]["ppl"]
-    stored = {offload: load_file(tmp_path / f"{method}-{offload}" / "quantized.safetensors") for offload in runs}
-    assert stored["auto"].keys() == stored["none"].keys()
-    assert all(torch.equal(stored["auto"][key], stored["none"][key]) for key in stored["none"])
+    assert runs["auto"]["ppl"] == runs["none"]["ppl"] and runs["auto"]["bytes"] == runs["none"]["bytes"]
+    out = {offload: tmp_path / f"{method}-{offload}" for offload in runs}
+    index = json.loads((out["auto"] / checkpoint.QUANT_INDEX).read_text())["weight_map"]
+    assert len(set(index.values())) > 2 and not (out["auto"] / checkpoint.QUANT_TENSORS).exists()
+    assert not (tmp_path / f".{method}-auto.codes").exists()  # the spilled codes are gone once saved
+    assert checkpoint.quantized_bytes(out["auto"]) == checkpoint.quantized_bytes(out["none"])
+    stored = {offload: RunDir.open(path).quantized_weights() for offload, path in out.items()}
+    assert stored["auto"].keys() == stored["none"].keys() == index.keys()
+    for name, qweight in stored["none"].items():
+        ours = stored["auto"][name].state_dict()
+        assert all(torch.equal(ours[key], tensor) for key, tensor in qweight.state_dict().items())
+    dense = {offload: load_file(path / checkpoint.DENSE_TENSORS) for offload, path in out.items()}
+    assert dense["auto"].keys() == dense["none"].keys()
+    assert all(torch.equal(dense["auto"][key], dense["none"][key]) for key in dense["none"])
 
 
 def test_streamed_profile_and_eval_equal_in_memory(model_dir, budget, tmp_path):
@@ -131,8 +145,10 @@ def test_streamed_block_repair_equals_in_memory(model_dir, tmp_path):
     repaired = {offload: {k: v for k, v in run["repair"].items() if k != "seconds"} for offload, run in runs.items()}
     assert repaired["disk"] == repaired["none"]  # the same block losses and steps
     assert repaired["disk"]["block_loss_end"] < repaired["disk"]["block_loss_start"]
-    stored = {offload: load_file(tmp_path / f"repair-{offload}" / "quantized.safetensors") for offload in runs}
-    assert all(torch.equal(stored["disk"][key], stored["none"][key]) for key in stored["none"])
+    stored = {offload: RunDir.open(tmp_path / f"repair-{offload}").quantized_weights() for offload in runs}
+    for name, qweight in stored["none"].items():
+        ours = stored["disk"][name].state_dict()
+        assert all(torch.equal(ours[key], tensor) for key, tensor in qweight.state_dict().items())
 
 
 def test_streaming_refusals(model_dir, tmp_path):

@@ -22,7 +22,7 @@ from torch import nn
 
 from automp.allocation import Allocation
 from automp.budget import Budget
-from automp.checkpoint import model_bytes, save_quantized
+from automp.checkpoint import SpilledWeights, model_bytes, save_quantized
 from automp.data import load_windows
 from automp.errors import AutompError
 from automp.evaluate import perplexity
@@ -163,16 +163,18 @@ def quantize_model(
     after_block = None
     if tuned is not None:  # the blocks downstream train as each block is quantized
         after_block = downstream_tuner(model, reference, calib, SeqFinetuneConfig(seed=settings.seed), tuned)
+    # streamed, the codes wait on disk (the checkpoint then writes them in shards)
+    codes = SpilledWeights(_scratch(settings.out, "codes")) if is_streamed(model) else None
     with clock.stage("quantize"):
         gptq = GPTQConfig.of(settings)
         qweights = quantize_(
             model, allocation, settings.method, calib, gptq=gptq, batch_size=settings.batch_size, progress=progress,
-            after_block=after_block,
+            after_block=after_block, codes=codes,
         )  # fmt: skip
     repaired = None
     if settings.repair:
         with clock.stage("repair"):
-            state = Path(settings.out).parent / f".{Path(settings.out).name}.repair"  # _remove_repair_state's
+            state = _scratch(settings.out, "repair")
             repaired = repair_model(settings, model, reference, qweights, calib, allocation, table, state, progress)
             repaired.seq_finetune = None if tuned is None else asdict(tuned)
         del reference
@@ -264,12 +266,20 @@ def quantize(settings: QuantizeSettings, progress: bool = True) -> dict:
     with staged_output(settings.out) as staging:
         quantized = quantize_model(settings, allocation, clock, progress)
         metrics = save_checkpoint(staging, quantized, settings, clock, extra)
-    _remove_repair_state(settings.out)
+    _remove_scratch(settings.out)
     return metrics
 
 
-def _remove_repair_state(out: Path) -> None:
-    shutil.rmtree(Path(out).parent / f".{Path(out).name}.repair", ignore_errors=True)
+SCRATCH = ("repair", "codes")  # beside the output: a repair's resumable state, a streamed run's spilled codes
+
+
+def _scratch(out: Path, kind: str) -> Path:
+    return Path(out).parent / f".{Path(out).name}.{kind}"
+
+
+def _remove_scratch(out: Path) -> None:
+    for kind in SCRATCH:
+        shutil.rmtree(_scratch(out, kind), ignore_errors=True)
 
 
 def repair(settings: RepairSettings, progress: bool = True) -> dict:
@@ -318,7 +328,7 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
             calib = load_windows(settings.calib, tokenizer, seqlen, nsamples, settings.seed)
         settings = settings.model_copy(update={"nsamples": nsamples, "seqlen": seqlen})
         windows = load_windows(settings.eval, tokenizer, seqlen) if settings.eval else None
-    state = Path(settings.out).parent / f".{Path(settings.out).name}.repair"
+    state = _scratch(settings.out, "repair")
     with clock.stage("repair"):
         report = repair_model(settings, model, reference, qweights, calib, run_dir.allocation, table, state, progress)
     metrics = {
@@ -339,7 +349,7 @@ def repair(settings: RepairSettings, progress: bool = True) -> dict:
         (staging / REPAIR_SETTINGS_FILE).write_text(settings.model_dump_json(indent=1))
         if (Path(settings.run) / SETTINGS_FILE).is_file():  # exports read how the codes were made from it
             shutil.copyfile(Path(settings.run) / SETTINGS_FILE, staging / SETTINGS_FILE)
-    _remove_repair_state(settings.out)
+    _remove_scratch(settings.out)
     return metrics
 
 
@@ -641,7 +651,7 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
             extra["bootstrap"] = stability
         metrics = save_checkpoint(staging, quantized, settings, clock, extra)
     shutil.rmtree(scratch, ignore_errors=True)
-    _remove_repair_state(out)
+    _remove_scratch(out)
     return metrics
 
 

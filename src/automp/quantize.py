@@ -18,7 +18,7 @@ AWQ collects the scaled layers' Hessians for it; RTN, having no data, uses the d
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -81,18 +81,22 @@ def quantize_(
     batch_size: int = 8,
     progress: bool = True,
     after_block: Callable[[int], object] | None = None,
-) -> dict[str, QWeight]:
+    codes: MutableMapping[str, QWeight] | None = None,
+) -> MutableMapping[str, QWeight]:
     """Quantize every layer whose allocated format is quantized; returns the stored weights by name.
 
     The model's weights are replaced by their dequantized values and every other float32 tensor is
     rounded to fp16, so the model in memory computes exactly what the stored checkpoint computes.
     ``after_block(i)`` (GPTQ and AWQ) runs once block ``i`` is quantized, before block ``i + 1`` is
     calibrated: sequential fine-tuning (``repair/seq_finetune.py``) trains the blocks downstream there.
+    ``codes`` receives the stored weights as each layer is done (default: a dict; a streamed run gives
+    ``checkpoint.SpilledWeights``, so that they wait on disk) and is returned.
     """
     gptq, awq = gptq or GPTQConfig(), awq or AWQConfig()
     if after_block is not None and method == "rtn":
         raise AutompError("fine-tuning between blocks needs a block-by-block method: --method gptq or awq")
-    out = _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress, after_block)
+    out = {} if codes is None else codes
+    _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress, after_block, out)
     round_to_storage(model, skip=set(out))
     return out
 
@@ -105,9 +109,7 @@ def round_to_storage(model: nn.Module, skip: set[str] = frozenset()) -> None:
                 set_parameter(module, name, param.half().float())
 
 
-def _quantize_layers(
-    model, allocation, method, calib, gptq, awq, batch_size, progress, after_block
-) -> dict[str, QWeight]:
+def _quantize_layers(model, allocation, method, calib, gptq, awq, batch_size, progress, after_block, out) -> None:
     if method not in METHODS:
         raise AutompError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     inv = inventory_for(model, allocation.formats)
@@ -115,6 +117,7 @@ def _quantize_layers(
     todo = [layer.name for layer in inv.layers if allocation.format_of(layer.name).quantized]
     modules = {name: model.get_submodule(name) for name in todo}
     block_of = {layer.name: layer.block for layer in inv.layers}
+    streamed, device = is_streamed(model), model_device(model)
 
     def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
         module, fmt = modules[name], allocation.format_of(name)
@@ -123,20 +126,18 @@ def _quantize_layers(
         else:  # the Hessian (AWQ) only feeds a +rN format's correction
             qweight = rtn_quantize(linear_weight(module), fmt, hessian=hessian, correction=gptq.correction)
         set_linear_weight(module, qweight.dequantize())
-        out[name] = qweight
+        out[name] = qweight.to("cpu") if streamed else qweight  # streamed: the codes wait on the host, not the device
 
-    out: dict[str, QWeight] = {}
     if method == "rtn":
         for name in tqdm(todo, desc="rtn", disable=not progress, leave=False):
             quantize_layer(name, None)
-        return out
+        return
     if calib is None or len(calib) == 0:
         raise AutompError(f"{method.upper()} needs calibration data (--calib)")
     for name in [name for name in todo if block_of[name] < 0]:  # the token embedding, before the blocks see it
         quantize_layer(name, None)
     blocks = decoder_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
-    streamed, device = is_streamed(model), model_device(model)
     if streamed:  # the plan's streaming mode: every window's block inputs wait on the host, a batch at a time goes over
         inputs = to_device(inputs, torch.device("cpu"))
     for index, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress, leave=False)):
@@ -155,8 +156,6 @@ def _quantize_layers(
                 hessians |= found
             for name in names:
                 quantize_layer(name, hessians[name])
-                if streamed:  # the codes wait on the host for the checkpoint, not on the device
-                    out[name] = out[name].to("cpu")
             outputs = run_block(block, batches_on(inputs, device) if streamed else inputs)
             inputs = propagate(inputs, [output.cpu() if streamed else output for output in outputs])
         if after_block is not None:  # block i's outputs are fixed now; the blocks after it may still change
@@ -169,4 +168,3 @@ def _quantize_layers(
             for batch in calib.split(batch_size):
                 model(input_ids=batch.to(model_device(model)), use_cache=False)
         quantize_layer(name, hessians[name])
-    return out

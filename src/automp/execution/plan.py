@@ -44,17 +44,10 @@ from pydantic import BaseModel
 from torch import nn
 
 from automp.budget import parse_size
+from automp.checkpoint import SHARD_BYTES
 from automp.errors import AutompError
 from automp.formats import Format, parse_formats
-from automp.model import (
-    checked_seqlen,
-    decoder_blocks,
-    is_linear,
-    linear_weight,
-    max_positions,
-    resolve_dtype,
-    role_of,
-)
+from automp.model import LayerInfo, checked_seqlen, decoder_blocks, inventory, max_positions, resolve_dtype
 from automp.quantizers.awq import scale_groups
 from automp.quantizers.awq_clip import TOKENS as AWQ_CLIP_TOKENS
 
@@ -88,22 +81,11 @@ BACKWARD_PROXIES = ("grad", "fisher", "outgrad", "all")  # need a backward pass 
 
 
 @dataclass(frozen=True)
-class LinearShape:
-    role: str
-    out_features: int
-    in_features: int
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features
-
-
-@dataclass(frozen=True)
 class BlockShape:
     """One decoder block as the formulas see it."""
 
     params: int
-    linears: tuple[LinearShape, ...]
+    linears: tuple[LayerInfo, ...]
     attention_width: int  # per token: the q/k/v outputs and the attention output (o's input)
     mlp_width: int  # per token: the widest MLP activation (gate/up/fc1 output)
     awq_widths: tuple[int, ...]  # per AWQ scale group: the width of the input it captures for every window
@@ -145,7 +127,7 @@ class ModelShape:
         return self.params - sum(block.params for block in self.blocks)
 
     @property
-    def linears(self) -> list[LinearShape]:
+    def linears(self) -> list[LayerInfo]:
         return [layer for block in self.blocks for layer in block.linears]
 
 
@@ -156,6 +138,7 @@ def model_shape(model: str) -> ModelShape:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab, hidden = skeleton.get_input_embeddings().weight.shape
     params = sum(param.numel() for param in skeleton.parameters())
+    layers = inventory(skeleton).layers
     stored = stored_checkpoint(Path(model)) if Path(model).is_dir() else None
     dtype = _config_dtype(text)
     if stored is None:
@@ -165,7 +148,10 @@ def model_shape(model: str) -> ModelShape:
     return ModelShape(
         name=model,
         params=params,
-        blocks=tuple(_block_shape(block) for block in decoder_blocks(skeleton)),
+        blocks=tuple(
+            _block_shape(block, tuple(layer for layer in layers if layer.block == index))
+            for index, block in enumerate(decoder_blocks(skeleton))
+        ),
         hidden=hidden,
         vocab=vocab,
         heads=text.num_attention_heads,
@@ -198,12 +184,8 @@ def _meta_model(config, model: str) -> nn.Module:
         raise AutompError(f"could not build the model described by {model} on the meta device: {err}") from err
 
 
-def _block_shape(block: nn.Module) -> BlockShape:
-    linears = tuple(
-        LinearShape(role_of(name), *linear_weight(module).shape)
-        for name, module in block.named_modules()
-        if is_linear(module)
-    )
+def _block_shape(block: nn.Module, linears: tuple[LayerInfo, ...]) -> BlockShape:
+    """``block``'s shape; ``linears``: its layers in the inventory."""
     if not linears:
         raise AutompError(f"{type(block).__name__}: no linear layers in the decoder block")
     attention = sum(layer.out_features for layer in linears if layer.role in ("q", "k", "v", "qkv"))
@@ -354,16 +336,16 @@ class Terms:
         values = batch * self.work.seqlen * self.shape.vocab
         return values * (self.w + (FP32 if self.w != FP32 else 0) + 2 * FP32 + (FP32 if backward else 0))
 
-    def gptq_work(self, layer: LinearShape) -> int:
+    def gptq_work(self, layer: LayerInfo) -> int:
         """``gptq_quantize`` beyond its inputs: W in fp32, its act-order copy and Q (3 x out in x 4), encode's int64
         codes, and the Hessian's copy, its Cholesky factor and the inverse factor Hinv (3 x in^2 x 4)."""
         return 3 * layer.numel * FP32 + layer.numel * INT64 + 3 * layer.in_features**2 * FP32
 
-    def held(self, layer: LinearShape) -> int:
+    def held(self, layer: LayerInfo) -> int:
         """The largest of the formats' weights as ``quantize_`` holds them until saving (``held_bytes``)."""
         return max(held_bytes(fmt, layer) for fmt in self.work.formats)
 
-    def stored(self, layer: LinearShape) -> int:
+    def stored(self, layer: LayerInfo) -> int:
         """The largest of the formats' packed bytes (``Format.storage_bits``), as the checkpoint stores it."""
         return max(math.ceil(fmt.storage_bits(layer.out_features, layer.in_features) / 8) for fmt in self.work.formats)
 
@@ -375,6 +357,11 @@ class Terms:
     def stored_block(self) -> int:
         return sum(self.stored(layer) for layer in self.shape.block.linears)
 
+    def shard(self) -> int:
+        """One shard of a streamed run's checkpoint as it is written (``checkpoint.SHARD_BYTES``), and the layer
+        that closes it."""
+        return min(SHARD_BYTES + max(self.stored(layer) for layer in self.shape.linears), self.stored_output())
+
     def held_all(self) -> int:
         return sum(self.held(layer) for layer in self.shape.linears)
 
@@ -385,7 +372,7 @@ class Terms:
         return max(self.gptq_work(layer) for layer in self.shape.block.linears)
 
 
-def held_bytes(fmt: Format, layer: LinearShape) -> int:
+def held_bytes(fmt: Format, layer: LayerInfo) -> int:
     """A stored weight in memory: uint8 codes, fp16 scales and uint8 zero-points per group (``QuantizedWeight``),
     GGUF blocks as packed, a ``+rN`` correction's fp16 A and B; 16-bit formats stay in the model itself."""
     if not fmt.quantized:
@@ -432,11 +419,11 @@ def _gptq(t: Terms) -> dict[str, StageMemory]:
     quantize = t.shape.block.hessian_bytes + t.largest_gptq()
     propagate = t.cache() + t.forward(t.work.batch_size)
     in_memory = t.model + t.held_all() + t.cache() + max(calibrate, quantize, propagate)
-    # streaming: the block and its Hessians on the device, one batch at a time; S in and S out in host memory, and
-    # every finished layer's QuantizedWeight there until saving (they are not spilled to disk shard by shard)
+    # streaming: the block and its Hessians on the device, one batch at a time; S in and S out in host memory. Each
+    # finished layer's QuantizedWeight waits on disk (SpilledWeights); saving writes them one shard at a time
     calibrate_one = t.batch_io(t.work.batch_size) + t.forward(t.work.batch_size) + t.hessian_update(t.work.batch_size)
     streaming = t.block + t.shape.block.hessian_bytes + max(calibrate_one, t.largest_gptq() + t.held_block())
-    host = t.outside + 2 * t.cache() + t.block + t.held_all() + t.stored_block() + t.tokens()
+    host = t.outside + 2 * t.cache() + t.block + t.held_block() + t.shard() + t.tokens()
     return {
         "in-memory": _memory(in_memory, t.tokens() + t.stored_output(), t.stored_output()),
         "streaming": _memory(streaming, host, t.stored_output()),
@@ -460,7 +447,7 @@ def _awq(t: Terms) -> dict[str, StageMemory]:
     group_batch = batch * t.work.seqlen * max(block.awq_widths, default=t.shape.hidden) * t.w
     reference = batch * t.work.seqlen * t.shape.hidden * FP32
     streaming = t.block + t.held_block() + hessians + t.batch_io(batch) + t.forward(batch) + group_batch + reference
-    host = t.outside + 2 * t.cache() + captured + search + t.block + t.held_all() + t.stored_block() + t.tokens()
+    host = t.outside + 2 * t.cache() + captured + search + t.block + t.held_block() + t.shard() + t.tokens()
     return {
         "in-memory": _memory(in_memory, t.tokens() + t.stored_output(), t.stored_output()),
         "streaming": _memory(streaming, host, t.stored_output()),
@@ -473,14 +460,14 @@ def _repair(t: Terms) -> dict[str, StageMemory]:
     # 32 bytes: the fp32 latent, its gradient, AdamW's two moments, the best state's copy, and three weight-sized
     # fp32 tensors in the graph (the dequantized weight and its rounding). One step of REPAIR_BATCH windows keeps
     # its activations for the backward, and the MSE's fp32 output and target. Finished blocks go to the state dir.
-    # Streamed, the block trains as an onloaded copy beside the full-precision block's weights; the caches and every
-    # layer's QuantizedWeight wait on the host.
+    # Streamed, the block trains as an onloaded copy beside the full-precision block's weights; the caches wait on
+    # the host, the QuantizedWeights on disk.
     batch, block = t.work.repair_batch, t.shape.block
     training = 32 * block.linear_params + t.train_activations(batch) + 2 * batch * t.work.seqlen * t.shape.hidden * FP32
     stored_layers = sum(t.stored(layer) for layer in t.shape.linears)
     in_memory = 2 * t.model + t.held_all() + 4 * t.cache() + training
     streaming = 2 * t.block + training + t.batch_io(batch)
-    host = 2 * t.outside + 4 * t.cache() + 2 * t.block + t.held_all() + t.tokens()
+    host = 2 * t.outside + 4 * t.cache() + 2 * t.block + t.held_block() + t.tokens()
     return {
         "in-memory": _memory(in_memory, t.tokens() + t.stored_block(), stored_layers),
         "streaming": _memory(streaming, host, stored_layers),
@@ -557,7 +544,7 @@ def _profile_streaming(t: Terms, proxy: str) -> StageMemory:
     return _memory(device, host, everything)
 
 
-def _accumulators(layers: list[LinearShape] | tuple[LinearShape, ...], proxy: str) -> int:
+def _accumulators(layers: list[LayerInfo] | tuple[LayerInfo, ...], proxy: str) -> int:
     """The pre-pass's fp32 accumulators of ``layers``: H (in x in), the proxy's weight-sized ones, its (out,) vector."""
     grads, outputs = PROXY_ACCUMULATORS[proxy]
     return sum(
@@ -566,7 +553,7 @@ def _accumulators(layers: list[LinearShape] | tuple[LinearShape, ...], proxy: st
     )
 
 
-def _weight_gradients(t: Terms, layers: list[LinearShape] | tuple[LinearShape, ...], proxy: str) -> int:
+def _weight_gradients(t: Terms, layers: list[LayerInfo] | tuple[LayerInfo, ...], proxy: str) -> int:
     """One window's gradients of every weight in ``layers`` (in w), and the largest one's fp32 copy; for the proxies
     that keep weight-sized accumulators only."""
     if not PROXY_ACCUMULATORS[proxy][0]:
@@ -578,7 +565,7 @@ def _measure(t: Terms, proxy: str) -> int:
     return max(_measure_bytes(t, layer, PROXY_ACCUMULATORS[proxy][0]) for layer in t.shape.block.linears)
 
 
-def _measure_bytes(t: Terms, layer: LinearShape, grads: int) -> int:
+def _measure_bytes(t: Terms, layer: LayerInfo, grads: int) -> int:
     """``_measure_layer`` on one layer: the weight in fp32, the proxy's accumulators in float64 and every format's
     result (kept per layer), then the larger of GPTQ's work and the error terms (the dequantized weight; the
     error, its square, ``error @ H`` and its product with the error in float64; H in float64)."""
@@ -765,7 +752,11 @@ def check_plan(plan: MemoryPlan, stage: str) -> None:
     if any(plan.fits(mode, stage) for mode in MODES):
         return
     in_memory = plan.modes["in-memory"][stage]
-    needed = in_memory.device_bytes + (in_memory.cpu_bytes if plan.device == "cpu" else 0)
+    if plan.device == "cpu":
+        needed = in_memory.device_bytes + in_memory.cpu_bytes
+    else:  # the in-memory figure of the memory streaming is short of
+        over_device, over_cpu = plan.over(plan.modes["streaming"][stage])
+        needed = in_memory.cpu_bytes if over_cpu and not over_device else in_memory.device_bytes
     raise AutompError(
         f"{shortfall(plan, stage, 'streaming')} (in-memory: {_gib(needed)}): no execution mode fits; "
         "lower --batch-size, --nsamples or --seqlen, or use a machine with more memory"

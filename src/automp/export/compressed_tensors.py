@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from automp.checkpoint import DENSE_TENSORS, QUANT_TENSORS, payload_bytes
+from automp.checkpoint import DENSE_TENSORS, payload_bytes, quantized_bytes
 from automp.errors import AutompError
 from automp.export.peft_adapter import split_corrections, write_adapter
 from automp.export.run_dir import RunDir, listing
@@ -100,7 +100,7 @@ def export_compressed_tensors(run: RunDir, out: Path, engine: str) -> dict:
         "weight_shape_bytes": sum(size for name, size in on_disk.items() if name.endswith(".weight_shape")),
         "adapter_bytes": adapter_bytes,
         "payload_bytes": payload_bytes(out / MODEL_FILE) + adapter_bytes,
-        "automp_payload_bytes": payload_bytes(run.path / QUANT_TENSORS) + payload_bytes(run.path / DENSE_TENSORS),
+        "automp_payload_bytes": quantized_bytes(run.path) + payload_bytes(run.path / DENSE_TENSORS),
         "layers_by_format": dict(sorted(formats.items())),
         "adapter": adapter,
         "warnings": warnings,

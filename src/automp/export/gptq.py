@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from automp.checkpoint import DENSE_TENSORS, QUANT_TENSORS, payload_bytes
+from automp.checkpoint import DENSE_TENSORS, payload_bytes, quantized_bytes
 from automp.errors import AutompError
 from automp.export.gptq_dynamic import CONFIG_FILE, gptq_config
 from automp.export.peft_adapter import refuse_corrections
@@ -181,7 +181,7 @@ def export_gptq(run: RunDir, out: Path, engine: str) -> dict:
         "quantized_bytes_automp": computed,
         "quantized_bytes_ratio": on_disk / computed if computed else 1.0,
         "payload_bytes": payload_bytes(out / MODEL_FILE),
-        "automp_payload_bytes": payload_bytes(run.path / QUANT_TENSORS) + payload_bytes(run.path / DENSE_TENSORS),
+        "automp_payload_bytes": quantized_bytes(run.path) + payload_bytes(run.path / DENSE_TENSORS),
         "layers_by_format": dict(sorted(Counter(q.fmt.name for q in qweights.values()).items())),
         "kernels": KERNELS,
         "vllm_kernel": vllm_kernel(run),

@@ -4,15 +4,22 @@
 Codes and zero-points are bit-packed densely (``n * bits`` bits, no padding per value), so the bytes on
 disk equal ``Format.storage_bits`` / 8. GGUF formats are held as llama.cpp's blocks instead
 (``GGUFWeight``, same interface). A ``+rN`` format's weight is a ``CorrectedWeight``: either of those plus
-its low-rank correction (``lowrank.py``). :func:`load_qweight` rebuilds any of them from its stored tensors.
+its low-rank correction (``lowrank.py``). :func:`load_qweight` rebuilds any of them from its stored tensors;
+:func:`save_qweights` / :func:`load_qweights` keep some of them in one safetensors file that names their formats.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from automp.formats import Format, GroupParams, decode, encode, get_format
 from automp.quantizers.gguf_weight import GGUFWeight
@@ -137,6 +144,28 @@ def load_qweight(fmt_name: str, shape: tuple[int, int], tensors: dict[str, torch
     fmt = get_format(fmt_name)
     cls = CorrectedWeight if fmt.rank else GGUFWeight if fmt.kind == "gguf" else QuantizedWeight
     return cls.from_state_dict(fmt_name, shape, tensors)
+
+
+def save_qweights(path: Path, layers: Mapping[str, QWeight]) -> None:
+    """``layers`` in one safetensors file, written atomically: each one's ``state_dict`` tensors as ``<name>.<key>``,
+    its format and shape in the header."""
+    packed = {f"{name}.{key}": t for name, q in layers.items() for key, t in q.state_dict().items()}
+    layout = {name: [q.fmt.name, list(q.shape)] for name, q in layers.items()}
+    partial = Path(path).with_name(f".{Path(path).name}.partial")
+    save_file(packed, partial, metadata={"layers": json.dumps(layout)})
+    os.replace(partial, path)
+
+
+def load_qweights(path: Path) -> dict[str, QWeight]:
+    """The stored weights :func:`save_qweights` wrote to ``path``."""
+    with safe_open(path, "pt") as handle:
+        layout = json.loads(handle.metadata()["layers"])
+    packed = load_file(path)
+    return {
+        name: load_qweight(fmt, tuple(shape), {k.removeprefix(name + "."): v for k, v in packed.items()
+                                               if k.startswith(name + ".")})
+        for name, (fmt, shape) in layout.items()
+    }  # fmt: skip
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:

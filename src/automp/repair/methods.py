@@ -13,6 +13,7 @@ need the sensitivity table and the allocation. The block methods also run on a s
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def _block_bits(model: nn.Module, allocation: Allocation, blocks: int) -> list[f
 
 def repair_(
     model: nn.Module,
-    qweights: dict[str, QWeight],
+    qweights: MutableMapping[str, QWeight],
     reference: nn.Module,
     windows: torch.Tensor,
     config: RepairConfig,

@@ -29,13 +29,12 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
@@ -51,10 +50,9 @@ from automp.execution.blocks import (
     to_device,
 )
 from automp.execution.offload import is_streamed, keep_onloaded, materialized
-from automp.formats import get_format
 from automp.io import write_file_atomic
 from automp.model import decoder_blocks, inventory, set_linear_weight
-from automp.quantizers.qweight import QWeight, load_qweight
+from automp.quantizers.qweight import QWeight, load_qweights, save_qweights
 from automp.repair.schedules import BlockBudget, cosine_lr
 from automp.repair.trainable import TrainableWeight, why_untrainable
 
@@ -120,7 +118,7 @@ def block_steps(config: ReconstructConfig, budget: BlockBudget, train_batches: i
 def reconstruct_(
     model: nn.Module,
     fp_model: nn.Module,
-    qweights: dict[str, QWeight],
+    qweights: MutableMapping[str, QWeight],
     calib: torch.Tensor,
     config: ReconstructConfig,
     budgets: list[BlockBudget],
@@ -198,7 +196,7 @@ def _train_block(
     trained: nn.Module,
     index: int,
     names: list[str],
-    qweights: dict[str, QWeight],
+    qweights: MutableMapping[str, QWeight],
     fp_weights: dict[str, torch.Tensor],
     batches: _Batches,
     config: ReconstructConfig,
@@ -338,25 +336,20 @@ def _save_block(state_dir: Path, index: int, record: BlockRecord, layers: dict[s
     """The block's repaired layers (stored tensors) and record; the record last, so it marks completion."""
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors_file, record_file = _block_files(state_dir, index)
-    packed = {f"{name}.{key}": t for name, q in layers.items() for key, t in q.state_dict().items()}
-    layout = {name: [q.fmt.name, list(q.shape)] for name, q in layers.items()}
-    partial = tensors_file.with_suffix(".partial")
-    save_file(packed, partial, metadata={"layers": json.dumps(layout)})
-    partial.replace(tensors_file)
+    save_qweights(tensors_file, layers)
     write_file_atomic(record_file, json.dumps(asdict(record), indent=1))
 
 
-def _load_block(state_dir: Path, index: int, qweights: dict[str, QWeight]) -> BlockRecord | None:
+def _load_block(state_dir: Path, index: int, qweights: MutableMapping[str, QWeight]) -> BlockRecord | None:
     """A finished block's record, its layers put into ``qweights``; None when the block is unfinished."""
     tensors_file, record_file = _block_files(state_dir, index)
     if not record_file.is_file():
         return None
-    with safe_open(tensors_file, "pt") as handle:
-        layout = json.loads(handle.metadata()["layers"])
-    packed = load_file(tensors_file)
-    for name, (fmt, shape) in layout.items():
-        if get_format(fmt).name != qweights[name].fmt.name:
-            raise AutompError(f"{state_dir} belongs to another allocation ({name}: {fmt}); remove it to start over")
-        tensors = {k.removeprefix(name + "."): v for k, v in packed.items() if k.startswith(name + ".")}
-        qweights[name] = load_qweight(fmt, tuple(shape), tensors)
+    loaded = load_qweights(tensors_file)
+    for name, qweight in loaded.items():
+        if qweight.fmt.name != qweights[name].fmt.name:
+            raise AutompError(
+                f"{state_dir} belongs to another allocation ({name}: {qweight.fmt.name}); remove it to start over"
+            )
+    qweights.update(loaded)
     return BlockRecord.from_json(json.loads(record_file.read_text()))
