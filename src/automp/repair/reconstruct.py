@@ -208,8 +208,10 @@ def _train_block(
     relative = {module: name for name, module in block.named_modules()}
     skipped = [name for name in names if why_untrainable(qweights[name], config.method)]
     layer_of = {relative[model.get_submodule(name)] + ".weight": name for name in names if name not in skipped}
+    device = model_device(trained)  # a streamed run's stored weights wait on the host
     trainables = {
-        key: TrainableWeight(qweights[name], config.method, fp_weights[name]) for key, name in layer_of.items()
+        key: TrainableWeight(qweights[name].to(device), config.method, fp_weights[name])
+        for key, name in layer_of.items()
     }
     held_out = max(1, round(len(batches) * config.val_fraction))
     train, val = list(range(len(batches) - held_out)), list(range(len(batches) - held_out, len(batches)))
