@@ -22,6 +22,9 @@ row repairs a copy of it with ``automp.repair`` (``--rows``, in order):
   format given a rank-N low-rank correction (``+rN``, fitted with the activation-aware ``exact`` estimator,
   bench/repair.py). These rows cost more bits: their "bits" column counts the corrections' fp16 factors.
 
+A row ``KEY@S`` (e.g. ``sign-round@1``) trains with seed ``S`` instead of 0 (the batch order of every block, and
+E2E-QP's): the spread over seeds is the training's run-to-run variation, which the window-paired SE leaves out.
+
 Training uses the 128 calibration windows of ``calib/wiki.txt`` (the last eighth held out for early
 stopping); nothing is tuned on the test texts. Each row is evaluated on the full WikiText-2 test text
 and on ``--indomain-windows`` windows of a Wikipedia shard bench-a never saw. ``ΔNLL`` is the mean
@@ -121,7 +124,8 @@ def main() -> None:
                 quantize_(model, corrected, "gptq", bench.calib, progress=False)
                 row = evaluate(key, model, {"seconds": time.perf_counter() - start}, corrected)
             else:
-                methods, schedule, data = CONFIGS[key]
+                base, _, seed = key.partition("@")
+                methods, schedule, data = CONFIGS[base]
                 if schedule != "uniform" and table is None:
                     table = profile_model(
                         bench.reset(), parse_formats(FORMATS), bench.calib, model_name=args.model,
@@ -129,8 +133,9 @@ def main() -> None:
                         work_dir=Path(args.profile_work), progress=False,
                     )  # fmt: skip
                     model.load_state_dict(gptq_state)
+                seed = int(seed or 0)
                 config = RepairConfig(methods, schedule, equal_steps=schedule != "uniform",
-                                      reconstruct=ReconstructConfig(), e2e=E2EConfig())  # fmt: skip
+                                      reconstruct=ReconstructConfig(seed=seed), e2e=E2EConfig(seed=seed))  # fmt: skip
                 windows = bench.calib
                 if data == "self-generated":
                     windows = cached_windows(reference, work / "selfgen", len(bench.calib), seqlen, progress=False)

@@ -14,6 +14,7 @@ from automp.allocation import Allocation
 from automp.cli import app
 from automp.data import load_windows
 from automp.errors import AutompError
+from automp.execution.plan import memory_plan
 from automp.formats import parse_formats
 from automp.model import load_model
 from automp.search.anneal import Anneal
@@ -170,6 +171,24 @@ def test_search_command_verifies_refines_and_saves_the_curve(bench, trained_dir,
     assert Allocation.load(out).formats == json.loads(out.read_text())["formats"]
     result = CliRunner().invoke(app, [str(a) for a in [*common, "--solver", "anneal"]])
     assert result.exit_code == 2 and "--eval" in result.output
+
+
+def test_search_refuses_an_evaluator_whose_memory_plan_does_not_fit(bench, trained_dir, tmp_path):
+    """The evaluator caches every format's weights in memory: under a budget that holds the model but not that
+    cache, the search is refused before the model loads, naming the stage and the numbers."""
+    table, _ = bench
+    table.save(tmp_path)
+    figures = memory_plan(str(trained_dir), formats=",".join(table.formats), nsamples=1, seqlen=128,
+                          device="cpu", stages="load,evaluator").modes["in-memory"]  # fmt: skip
+    load, cached = (figures[stage].device_bytes + figures[stage].cpu_bytes for stage in ("load", "evaluator"))
+    assert cached > 2 * load  # the model, its original weights and a copy per quantized format
+    args = ["search", "--profile", tmp_path, "--target-bits", "4.2", "--out", tmp_path / "alloc.json", "--model",
+            trained_dir, "--eval", trained_dir.parent / "eval.txt", "--eval-windows", "2", "--seqlen", "128",
+            "--verify", "3", "--device", "cpu", "--device-memory", (load + cached) // 2]  # fmt: skip
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "evaluator needs" in result.output and "the search's evaluator holds the model" in result.output
+    assert not (tmp_path / "alloc.json").exists()
 
 
 def test_pins_and_tied_groups_hold_in_learned_solutions(bench):

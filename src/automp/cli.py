@@ -412,6 +412,8 @@ def search(
     metric: Annotated[str | None, typer.Option(help="Real loss: ppl or kl (to full precision).")] = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    device_memory: DeviceMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     verify: Annotated[int | None, typer.Option("--verify", help="Evaluate the top K candidates for real.")] = None,
     refine: Annotated[bool | None, typer.Option("--refine", help="Local search on the real loss.")] = None,
     max_evals: MaxEvalsOpt = None,

@@ -195,6 +195,8 @@ class SearchSettings(BudgetSettings, ExecutorOptions):
     seqlen: int | None = None  # default: the profile's
     dtype: str = "auto"  # the evaluator's model, as ModelSettings loads it
     device: str = "auto"
+    device_memory: str | None = None  # the memory plan of the evaluator (in memory only), as ModelSettings has it
+    cpu_memory: str | None = None
     method: Literal["rtn", "gptq"] = "rtn"  # how the evaluator quantizes each layer
     seq_finetune: bool = False  # every evaluation: GPTQ block by block, the downstream blocks fine-tuned after each
     switchable: Path | None = None  # evaluate on this trained switchable model instead (no quantization per candidate)

@@ -13,7 +13,8 @@ the stage's peak, in two execution modes:
 The stages are ``load``, ``profile`` (what ``automp profile`` holds today: its pre-pass gathers the hessian,
 grad, fisher and outgrad terms at once), ``profile.<proxy>`` (what measuring that proxy alone would hold;
 ``automp profile --kl`` holds ``profile`` plus ``profile.kl``'s reference and probe), ``gptq``, ``awq``,
-``repair`` (Block-AP), ``perplexity``, ``tasks`` and ``export``. Every stage is predicted; the mode is chosen
+``repair`` (Block-AP), ``perplexity``, ``tasks``, ``evaluator`` (the search's cached-weight evaluator;
+``evaluator.kl`` with ``--metric kl``) and ``export``. Every stage is predicted; the mode is chosen
 for the planned ones (by default those ``automp run`` and ``automp export`` go through). ``mode`` is
 ``in-memory`` when every planned stage fits that way. Otherwise it is ``streaming`` when every planned stage
 fits that way, and None when neither does. :func:`check_plan` refuses a stage that fits neither way, in one
@@ -58,7 +59,8 @@ Mode = Literal["in-memory", "streaming"]
 MODES: tuple[Mode, ...] = ("in-memory", "streaming")
 PROXIES = ("hessian", "outgrad", "fisher", "grad", "weight", "kl")
 PROFILE_STAGES = ("profile", *(f"profile.{proxy}" for proxy in PROXIES))  # profile: all four pre-pass proxies
-STAGES = ("load", *PROFILE_STAGES, "gptq", "awq", "repair", "perplexity", "tasks", "export")
+EVALUATION_STAGES = ("perplexity", "tasks", "evaluator", "evaluator.kl")  # evaluator: the search's
+STAGES = ("load", *PROFILE_STAGES, "gptq", "awq", "repair", *EVALUATION_STAGES, "export")
 DEFAULT_STAGES = "load,profile,gptq,perplexity,export"  # what `automp run` (GPTQ, no --kl, no --repair) and export run
 KL_WINDOWS = 8  # ProfileSettings.kl_windows' default
 REPAIR_BATCH = 4  # ReconstructConfig.batch_size: windows per Block-AP step
@@ -494,6 +496,21 @@ def _tasks(t: Terms) -> dict[str, StageMemory]:
     return _evaluation(t, t.work.batch_size * t.work.seqlen * t.shape.vocab * t.w)
 
 
+def _evaluator(t: Terms, kl: bool) -> dict[str, StageMemory]:
+    # search.evaluator.AllocationEvaluator (search --verify/--refine, anneal, reinforce, ppo): the model, a copy of
+    # every inventory layer's original weight and its dequantized weight in every quantized format (in w), cached
+    # up front; with GPTQ from full-precision block inputs (S in and S out, a block's Hessians, GPTQ's work). Then
+    # each evaluation runs a batch of the held-out windows to its logits; with kl, the full-precision log-probs of
+    # KL_WINDOWS windows (search's --eval-windows default) stay cached. In memory only: both modes hold the same.
+    batch = t.work.batch_size
+    weights = (1 + sum(fmt.quantized for fmt in t.work.formats)) * sum(layer.numel for layer in t.shape.linears) * t.w
+    build = 2 * t.cache() + t.shape.block.hessian_bytes + t.largest_gptq()
+    evaluate = t.hidden_states(batch) + max(t.forward(batch), t.logits(batch))
+    reference = t.work.kl_windows * t.work.seqlen * t.shape.vocab * FP32 if kl else 0
+    figures = _memory(t.model + weights + reference + max(build, evaluate), t.tokens(), 0)
+    return {"in-memory": figures, "streaming": figures}
+
+
 def _export(t: Terms) -> dict[str, StageMemory]:
     # exports read the whole checkpoint (RunDir: packed weights and dense tensors) and write a converted copy, in
     # either mode: they do not convert tensor by tensor yet
@@ -602,6 +619,8 @@ STAGE_FORMULAS = {
     "repair": _repair,
     "perplexity": _perplexity,
     "tasks": _tasks,
+    "evaluator": lambda t: _evaluator(t, kl=False),
+    "evaluator.kl": lambda t: _evaluator(t, kl=True),
     "export": _export,
     "profile": lambda t: _profile(t, "all"),
     **{f"profile.{proxy}": (lambda t, proxy=proxy: _profile(t, proxy)) for proxy in PROXIES},
@@ -761,6 +780,13 @@ def check_plan(plan: MemoryPlan, stage: str) -> None:
         f"{shortfall(plan, stage, 'streaming')} (in-memory: {_gib(needed)}): no execution mode fits; "
         "lower --batch-size, --nsamples or --seqlen, or use a machine with more memory"
     )
+
+
+def check_in_memory(plan: MemoryPlan, what: str) -> None:
+    """Refuse, in one line, when a planned stage does not fit in memory; ``what`` says why it must."""
+    blocked = next((stage for stage in plan.planned if not plan.fits("in-memory", stage)), None)
+    if blocked is not None:
+        raise AutompError(f"{shortfall(plan, blocked, 'in-memory')}: {what}")
 
 
 def plan_refusal(plan: MemoryPlan) -> str | None:

@@ -101,20 +101,42 @@ def _local_evaluator(settings, problem: Problem, windows: torch.Tensor | None) -
 
     table = problem.table
     calib_spec = settings.calib or table.calib.spec
+    formats = problem.allowed or table.formats
+    nsamples = settings.nsamples if settings.calib else table.calib.nsamples
+    seqlen = windows.shape[1] if windows is not None else settings.seqlen or table.calib.seqlen
+    calibrated = nsamples if settings.method == "gptq" else 1  # RTN caches without calibration windows
+    _check_memory(settings, settings.model or table.model, formats, calibrated, seqlen)
     model, tokenizer = load_model(settings.model or table.model, dtype=settings.dtype, device=settings.device)
     if windows is None:
-        seqlen = settings.seqlen or table.calib.seqlen
         windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
     calib = None
     if settings.method == "gptq":
-        nsamples = settings.nsamples if settings.calib else table.calib.nsamples
         calib = load_windows(calib_spec, tokenizer, windows.shape[1], nsamples, table.calib.seed)
-    formats = problem.allowed or table.formats
     if settings.seq_finetune:  # the PPO prototype's quantize-then-fine-tune step (repair/seq_finetune.py)
         from automp.repair.seq_finetune import FinetunedEvaluator
 
         return FinetunedEvaluator(model, windows, formats, calib=calib, metric=settings.metric)
     return AllocationEvaluator(model, windows, formats, calib=calib, method=settings.method, metric=settings.metric)
+
+
+def _check_memory(settings, model: str, formats: list[str], nsamples: int, seqlen: int) -> None:
+    """Refuse up front when the evaluator's memory plan does not fit (it runs in memory only). A model the plan
+    cannot describe is loaded as asked, unless a memory limit was given."""
+    from automp.execution.plan import check_in_memory, memory_plan
+
+    stage = "evaluator.kl" if settings.metric == "kl" else "evaluator"
+    try:
+        plan = memory_plan(
+            model, formats=",".join(formats), nsamples=nsamples, seqlen=seqlen, device=settings.device,
+            dtype=settings.dtype, device_memory=settings.device_memory, cpu_memory=settings.cpu_memory,
+            stages=f"load,{stage}",
+        )  # fmt: skip
+    except AutompError:
+        if settings.device_memory or settings.cpu_memory:
+            raise
+        return
+    check_in_memory(plan, "the search's evaluator holds the model and every format's weights in memory; give "
+                          "fewer --formats, or a machine with more memory")  # fmt: skip
 
 
 def _switchable_evaluator(settings, problem: Problem, windows: torch.Tensor | None):
