@@ -59,8 +59,18 @@ Mode = Literal["in-memory", "streaming"]
 MODES: tuple[Mode, ...] = ("in-memory", "streaming")
 PROXIES = ("hessian", "outgrad", "fisher", "grad", "weight", "kl")
 PROFILE_STAGES = ("profile", *(f"profile.{proxy}" for proxy in PROXIES))  # profile: all four pre-pass proxies
-EVALUATION_STAGES = ("perplexity", "tasks", "evaluator", "evaluator.kl")  # evaluator: the search's
-STAGES = ("load", *PROFILE_STAGES, "gptq", "awq", "repair", *EVALUATION_STAGES, "export")
+STAGES = (
+    "load",
+    *PROFILE_STAGES,
+    "gptq",
+    "awq",
+    "repair",
+    "perplexity",
+    "tasks",
+    "evaluator",
+    "evaluator.kl",
+    "export",
+)
 DEFAULT_STAGES = "load,profile,gptq,perplexity,export"  # what `automp run` (GPTQ, no --kl, no --repair) and export run
 KL_WINDOWS = 8  # ProfileSettings.kl_windows' default
 REPAIR_BATCH = 4  # ReconstructConfig.batch_size: windows per Block-AP step

@@ -104,8 +104,9 @@ def _local_evaluator(settings, problem: Problem, windows: torch.Tensor | None) -
     formats = problem.allowed or table.formats
     nsamples = settings.nsamples if settings.calib else table.calib.nsamples
     seqlen = windows.shape[1] if windows is not None else settings.seqlen or table.calib.seqlen
-    calibrated = nsamples if settings.method == "gptq" else 1  # RTN caches without calibration windows
-    _check_memory(settings, settings.model or table.model, formats, calibrated, seqlen)
+    if not settings.seq_finetune:  # the cached-weight evaluator; RTN caches without calibration windows
+        calibrated = nsamples if settings.method == "gptq" else 1
+        _check_memory(settings, settings.model or table.model, formats, calibrated, seqlen)
     model, tokenizer = load_model(settings.model or table.model, dtype=settings.dtype, device=settings.device)
     if windows is None:
         windows = load_windows(settings.eval, tokenizer, seqlen)[: settings.eval_windows]
