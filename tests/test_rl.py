@@ -178,12 +178,13 @@ def test_search_refuses_an_evaluator_whose_memory_plan_does_not_fit(bench, train
     cache, the search is refused before the model loads, naming the stage and the numbers."""
     table, _ = bench
     table.save(tmp_path)
+    batch = 2  # --eval-windows: the windows one evaluation runs at once
     figures = memory_plan(str(trained_dir), formats=",".join(table.formats), nsamples=1, seqlen=128,
-                          device="cpu", stages="load,evaluator").modes["in-memory"]  # fmt: skip
+                          batch_size=batch, device="cpu", stages="load,evaluator").modes["in-memory"]  # fmt: skip
     load, cached = (figures[stage].device_bytes + figures[stage].cpu_bytes for stage in ("load", "evaluator"))
     assert cached > 2 * load  # the model, its original weights and a copy per quantized format
     args = ["search", "--profile", tmp_path, "--target-bits", "4.2", "--out", tmp_path / "alloc.json", "--model",
-            trained_dir, "--eval", trained_dir.parent / "eval.txt", "--eval-windows", "2", "--seqlen", "128",
+            trained_dir, "--eval", trained_dir.parent / "eval.txt", "--eval-windows", batch, "--seqlen", "128",
             "--verify", "3", "--device", "cpu", "--device-memory", (load + cached) // 2]  # fmt: skip
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 2, result.output

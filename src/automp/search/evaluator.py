@@ -58,6 +58,7 @@ from automp.quantizers.gptq import gptq_quantize
 from automp.quantizers.rtn import rtn_quantize
 
 METRICS = ("ppl", "kl")
+EVAL_BATCH = 8  # windows per forward pass
 ATTENTION_BATCH = 2  # windows per forward when attention maps are returned (they take T^2 memory per head)
 
 
@@ -91,7 +92,7 @@ class AllocationEvaluator:
         include_lm_head: bool = False,
         include_embeddings: bool = False,
         gptq: GPTQConfig | None = None,
-        batch_size: int = 8,
+        batch_size: int = EVAL_BATCH,
         progress: bool = False,
     ):
         if metric not in METRICS:

@@ -33,7 +33,7 @@ from automp.data import load_windows, sources
 from automp.errors import AutompError
 from automp.execution.executor import Executor
 from automp.io import write_file_atomic
-from automp.search.evaluator import AllocationEvaluator
+from automp.search.evaluator import EVAL_BATCH, AllocationEvaluator
 from automp.search.pooled import PooledEvaluator
 from automp.search.problem import Problem, Solution
 from automp.search.verify import candidates, proxy_scores, refine, verify
@@ -126,18 +126,20 @@ def _check_memory(settings, model: str, formats: list[str], nsamples: int, seqle
     from automp.execution.plan import check_in_memory, memory_plan
 
     stage = "evaluator.kl" if settings.metric == "kl" else "evaluator"
+    batch = min(EVAL_BATCH, settings.eval_windows)  # the windows one evaluation runs at once
     try:
         plan = memory_plan(
-            model, formats=",".join(formats), nsamples=nsamples, seqlen=seqlen, device=settings.device,
-            dtype=settings.dtype, device_memory=settings.device_memory, cpu_memory=settings.cpu_memory,
-            stages=f"load,{stage}",
+            model, formats=",".join(formats), nsamples=nsamples, seqlen=seqlen, batch_size=batch,
+            device=settings.device, dtype=settings.dtype, device_memory=settings.device_memory,
+            cpu_memory=settings.cpu_memory, stages=f"load,{stage}",
         )  # fmt: skip
     except AutompError:
         if settings.device_memory or settings.cpu_memory:
             raise
         return
-    check_in_memory(plan, "the search's evaluator holds the model and every format's weights in memory; give "
-                          "fewer --formats, or a machine with more memory")  # fmt: skip
+    check_in_memory(plan, "the search's evaluator holds the model and every format's weights in memory, and runs "
+                          f"up to {EVAL_BATCH} windows at once; give fewer --formats or --eval-windows, a shorter "
+                          "--seqlen, or a machine with more memory")  # fmt: skip
 
 
 def _switchable_evaluator(settings, problem: Problem, windows: torch.Tensor | None):
