@@ -106,15 +106,21 @@ def write_qweights(out_dir: Path, qweights: Mapping[str, QWeight]) -> None:
     if not isinstance(qweights, SpilledWeights) or not qweights:
         _write_quantized_file(Path(out_dir) / QUANT_TENSORS, qweights)
         return
-    weight_map, shard, size = {}, {}, 0
+    weight_map: dict[str, str] = {}
+    shard: dict[str, QWeight] = {}  # one shard in memory at a time
+
+    def write() -> None:
+        file = f"quantized-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        _write_quantized_file(Path(out_dir) / file, shard)
+        weight_map.update(dict.fromkeys(shard, file))
+        shard.clear()
+
     for name in qweights:
         shard[name] = qweights[name]
-        size += shard[name].stored_bytes()
-        if size >= SHARD_BYTES or name == qweights.last:
-            file = f"quantized-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            _write_quantized_file(Path(out_dir) / file, shard)
-            weight_map |= dict.fromkeys(shard, file)
-            shard, size = {}, 0
+        if sum(q.stored_bytes() for q in shard.values()) >= SHARD_BYTES:
+            write()
+    if shard:
+        write()
     (Path(out_dir) / QUANT_INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
 
 
@@ -157,10 +163,6 @@ class SpilledWeights(MutableMapping[str, QWeight]):
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True)
         self.names: dict[str, None] = {}  # in the order they came
-
-    @property
-    def last(self) -> str | None:
-        return next(reversed(self.names), None)
 
     def _file(self, name: str) -> Path:
         return self.directory / f"{name}.safetensors"

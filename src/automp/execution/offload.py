@@ -79,24 +79,19 @@ def plan_offload(model: str, requested: str, stages: tuple[str, ...], **workload
     host use, else from disk (on a CPU the device is the host, so always disk). The command is refused, up front,
     when its stages fit no mode, or not the one asked for. A model whose plan cannot be made (an architecture the
     plan does not know) runs as asked, ``auto`` in memory."""
-    from automp.execution.plan import DTYPE_BYTES, check_plan, memory_plan, plan_refusal, shortfall
+    from automp.execution.plan import DTYPE_BYTES, check_mode, check_plan, plan_if_known, plan_refusal
 
     if requested not in OFFLOAD_MODES:
         raise AutompError(f"unknown --offload {requested!r}: use one of {', '.join(OFFLOAD_MODES)}")
-    try:
-        plan = memory_plan(model, stages=",".join(stages), **workload)
-    except AutompError:
-        if workload.get("device_memory") or workload.get("cpu_memory"):
-            raise  # a memory limit was given: it must be checked
+    plan = plan_if_known(model, stages=",".join(stages), **workload)
+    if plan is None:
         return "none" if requested == "auto" else requested
     for stage in stages:
         check_plan(plan, stage)
     mode = {"none": "in-memory", "cpu": "streaming", "disk": "streaming"}.get(requested, plan.mode)
     if mode is None:
         raise AutompError(plan_refusal(plan))
-    blocked = next((stage for stage in stages if not plan.fits(mode, stage)), None)
-    if blocked is not None:
-        raise AutompError(f"{shortfall(plan, blocked, mode)}: choose another --offload, or leave it auto")
+    check_mode(plan, mode, "choose another --offload, or leave it auto")
     if requested != "auto":
         return requested
     if mode == "in-memory":

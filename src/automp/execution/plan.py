@@ -792,11 +792,22 @@ def check_plan(plan: MemoryPlan, stage: str) -> None:
     )
 
 
-def check_in_memory(plan: MemoryPlan, what: str) -> None:
-    """Refuse, in one line, when a planned stage does not fit in memory; ``what`` says why it must."""
-    blocked = next((stage for stage in plan.planned if not plan.fits("in-memory", stage)), None)
+def check_mode(plan: MemoryPlan, mode: Mode, advice: str) -> None:
+    """Refuse, in one line, when a planned stage does not fit in ``mode``; ``advice`` follows the numbers."""
+    blocked = next((stage for stage in plan.planned if not plan.fits(mode, stage)), None)
     if blocked is not None:
-        raise AutompError(f"{shortfall(plan, blocked, 'in-memory')}: {what}")
+        raise AutompError(f"{shortfall(plan, blocked, mode)}: {advice}")
+
+
+def plan_if_known(model: str, **workload) -> MemoryPlan | None:
+    """``memory_plan(model, **workload)``, or None for a model the plan cannot describe (an architecture it does
+    not know): the command then runs as asked. With a memory limit given the failure stands: it must be checked."""
+    try:
+        return memory_plan(model, **workload)
+    except AutompError:
+        if workload.get("device_memory") or workload.get("cpu_memory"):
+            raise
+        return None
 
 
 def plan_refusal(plan: MemoryPlan) -> str | None:

@@ -123,23 +123,19 @@ def _local_evaluator(settings, problem: Problem, windows: torch.Tensor | None) -
 def _check_memory(settings, model: str, formats: list[str], nsamples: int, seqlen: int) -> None:
     """Refuse up front when the evaluator's memory plan does not fit (it runs in memory only). A model the plan
     cannot describe is loaded as asked, unless a memory limit was given."""
-    from automp.execution.plan import check_in_memory, memory_plan
+    from automp.execution.plan import check_mode, plan_if_known
 
     stage = "evaluator.kl" if settings.metric == "kl" else "evaluator"
     batch = min(EVAL_BATCH, settings.eval_windows)  # the windows one evaluation runs at once
-    try:
-        plan = memory_plan(
-            model, formats=",".join(formats), nsamples=nsamples, seqlen=seqlen, batch_size=batch,
-            device=settings.device, dtype=settings.dtype, device_memory=settings.device_memory,
-            cpu_memory=settings.cpu_memory, stages=f"load,{stage}",
-        )  # fmt: skip
-    except AutompError:
-        if settings.device_memory or settings.cpu_memory:
-            raise
-        return
-    check_in_memory(plan, "the search's evaluator holds the model and every format's weights in memory, and runs "
-                          f"up to {EVAL_BATCH} windows at once; give fewer --formats or --eval-windows, a shorter "
-                          "--seqlen, or a machine with more memory")  # fmt: skip
+    plan = plan_if_known(
+        model, formats=",".join(formats), nsamples=nsamples, seqlen=seqlen, batch_size=batch, device=settings.device,
+        dtype=settings.dtype, device_memory=settings.device_memory, cpu_memory=settings.cpu_memory,
+        stages=f"load,{stage}",
+    )  # fmt: skip
+    if plan is not None:
+        check_mode(plan, "in-memory", "the search's evaluator holds the model and every format's weights in memory, "
+                   f"and runs up to {EVAL_BATCH} windows at once; give fewer --formats or --eval-windows, a shorter "
+                   "--seqlen, or a machine with more memory")  # fmt: skip
 
 
 def _switchable_evaluator(settings, problem: Problem, windows: torch.Tensor | None):
