@@ -578,7 +578,7 @@ def run(settings: RunSettings, progress: bool = True) -> dict:
     formats, dropped = engine_formats(settings.formats, settings.engine)
     _check_reachable(settings, budget, formats)
     cached = out / TABLE_FILE
-    scratch = out.parent / f".{out.name}.profile"
+    scratch = _scratch(out, "profile")
 
     def complete(table: Path) -> bool:  # --bootstrap also needs the per-window terms beside the table
         found = table.is_file() and (not settings.bootstrap or (table.parent / WINDOWS_FILE).is_file())
